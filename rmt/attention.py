@@ -1,0 +1,219 @@
+"""MaSA, Manhattan self-attention, and the kernels that compute it.
+
+Attention with a Manhattan decay is ``softmax(q k^T * scale + D) v`` where
+``D[h, (i, j), (i', j')] = lambda_h * (|i - i'| + |j - j'|)``. RMT computes it in one of two forms:
+
+* full: over all H*W tokens of the stage at once;
+* decomposed: along each row (decay ``lambda_h |j - j'|``), then along each column
+  (``lambda_h |i - i'|``) of the row result, never forming an (HW x HW) tensor.
+
+Every form has one *reference* implementation (explicit matmul and softmax, the released code's
+math) that each fast path is tested against. The fast paths, chosen by :func:`select_attn_impl`
+from the device, dtype and sequence length:
+
+* ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` with the decay as an additive 4-D mask
+  (the fused CPU kernel takes only 2-D or 4-D masks; a 3-D one falls back to the math kernel);
+* ``blocked`` (full form, large inputs): query blocks of image rows, each with its slice of the
+  decay built on the fly from the two 1-D masks, so no (n, HW, HW) tensor is ever held;
+* ``flex`` (full form, large inputs on CUDA): FlexAttention with a ``score_mod`` that computes the
+  decay from token indices, so neither the mask nor the score matrix is materialised.
+"""
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import register_notrace_function, register_notrace_module
+
+from .decay import DecayTables, theta_shift
+
+__all__ = ['ATTN_IMPLS', 'MaSA', 'select_attn_impl', 'attention_reference', 'full_attention',
+           'decomposed_attention', 'needs_2d_mask', 'set_attn_budget']
+
+ATTN_IMPLS = ('auto', 'reference', 'sdpa', 'blocked', 'flex')
+
+# Above this many bytes for one (n, HW, HW) decay mask, full-attention stages stop materialising it.
+_MASK_BUDGET_BYTES = 64 * 2 ** 20
+# The blocked path sizes each query block's slice of the mask to this.
+_BLOCK_BYTES = 32 * 2 ** 20
+# On CUDA, full attention over at least this many tokens uses FlexAttention when available.
+_FLEX_MIN_TOKENS = 1024
+
+
+def set_attn_budget(mask_bytes: Optional[int] = None, block_bytes: Optional[int] = None) -> None:
+    """Change the memory thresholds of the automatic dispatch (bytes); ``None`` keeps a value."""
+    global _MASK_BUDGET_BYTES, _BLOCK_BYTES
+    if mask_bytes is not None:
+        _MASK_BUDGET_BYTES = int(mask_bytes)
+    if block_bytes is not None:
+        _BLOCK_BYTES = int(block_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_attention():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    return flex_attention
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    return torch.compile(_flex_attention(), dynamic=False)
+
+
+@torch.jit.unused
+def _auto_full_impl(num_heads: int, height: int, width: int, x: torch.Tensor) -> str:
+    if torch.compiler.is_exporting():
+        return 'sdpa'  # no size-dependent branch in an exported graph
+    tokens = height * width
+    if x.device.type == 'cuda' and tokens >= _FLEX_MIN_TOKENS and _flex_attention() is not None:
+        return 'flex'
+    if num_heads * tokens * tokens * x.element_size() > _MASK_BUDGET_BYTES:
+        return 'blocked'
+    return 'sdpa'
+
+
+@register_notrace_function
+def select_attn_impl(requested: str, decomposed: bool, num_heads: int, x: torch.Tensor) -> str:
+    """The attention path for a stage input ``x`` of shape (B, H, W, C).
+
+    ``requested`` is one of :data:`ATTN_IMPLS`. Decomposed stages never build an (HW x HW) tensor,
+    so for them ``blocked`` and ``flex`` mean ``sdpa``.
+    """
+    if requested == 'reference':
+        return 'reference'
+    if decomposed:
+        return 'sdpa'
+    if requested != 'auto':
+        return requested
+    if torch.jit.is_scripting():
+        tokens = x.shape[1] * x.shape[2]
+        if num_heads * tokens * tokens * x.element_size() > _MASK_BUDGET_BYTES:
+            return 'blocked'
+        return 'sdpa'
+    return _auto_full_impl(num_heads, x.shape[1], x.shape[2], x)
+
+
+@register_notrace_function
+def needs_2d_mask(impl: str, decomposed: bool) -> bool:
+    """Whether ``impl`` reads the materialised (n, HW, HW) decay mask."""
+    return not decomposed and (impl == 'sdpa' or impl == 'reference')
+
+
+def attention_reference(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` spelled out; q, k, v (N, n, L, d), bias (n, L, S)."""
+    attn = q @ (k * scale).transpose(-2, -1) + bias.to(q.dtype)
+    return attn.softmax(dim=-1) @ v
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    # a 4-D mask keeps the fused CPU kernel; a 3-D one would fall back to the math path
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0), scale=scale)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+            impl: str) -> torch.Tensor:
+    if impl == 'reference':
+        return attention_reference(q, k, v, bias, scale)
+    return _sdpa(q, k, v, bias, scale)
+
+
+def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
+             scale: float) -> torch.Tensor:
+    """Full attention in blocks of image rows; each block builds only its (n, rows*W, HW) decay slice."""
+    n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
+    rows = max(1, _BLOCK_BYTES // max(1, n * W * H * W * q.element_size()))
+    outs = []
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        bias = mask_h[:, r0:r1, None, :, None] + mask_w[:, None, :, None, :]
+        bias = bias.reshape(n, (r1 - r0) * W, H * W)
+        outs.append(_sdpa(q[:, :, r0 * W:r1 * W], k, v, bias, scale))
+    return torch.cat(outs, dim=2)
+
+
+@torch.jit.unused
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, W: int,
+          scale: float) -> torch.Tensor:
+    """Full attention with FlexAttention; the decay is computed per score from token indices."""
+    decay = decay.to(torch.float32)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        distance = (q_idx // W - kv_idx // W).abs() + (q_idx % W - kv_idx % W).abs()
+        return score + decay[h] * distance
+
+    flex = _compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else _flex_attention()
+    return flex(q, k, v, score_mod=score_mod, scale=scale)
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: DecayTables, scale: float,
+                   impl: str) -> torch.Tensor:
+    """Attention over all H*W tokens; q, k, v and the result are (B, H, W, n, d)."""
+    B, H, W, n, d = q.shape
+    _, _, decay, mask_h, mask_w, mask_2d = tables
+    q, k, v = [t.reshape(B, H * W, n, d).transpose(1, 2) for t in (q, k, v)]
+    if impl == 'blocked':
+        out = _blocked(q, k, v, mask_h, mask_w, scale)
+    elif impl == 'flex':
+        out = _flex(q, k, v, decay, W, scale)
+    elif impl in ('sdpa', 'reference'):
+        if mask_2d.numel() == 0:
+            raise RuntimeError('the full-attention paths need the 2-D decay mask in the tables')
+        out = _attend(q, k, v, mask_2d, scale, impl)
+    else:
+        raise ValueError(f'unknown attention implementation {impl!r}, expected one of {ATTN_IMPLS}')
+    return out.transpose(1, 2).reshape(B, H, W, n, d)
+
+
+def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: DecayTables, scale: float,
+                         impl: str) -> torch.Tensor:
+    """Attention along each row, then along each column of the row result; (B, H, W, n, d) in and out."""
+    B, H, W, n, d = q.shape
+    mask_h, mask_w = tables[3], tables[4]
+    # rows: batch (B*H), sequence W, as views of the (B, H, W, n, d) layout
+    v = _attend(*[t.reshape(B * H, W, n, d).transpose(1, 2) for t in (q, k, v)], mask_w, scale, impl)
+    v = v.transpose(1, 2).reshape(B, H, W, n, d)
+    # columns: batch (B*W), sequence H; (B, W) do not merge in this layout, so these are copies
+    q, k, v = [t.transpose(1, 2).reshape(B * W, H, n, d).transpose(1, 2) for t in (q, k, v)]
+    out = _attend(q, k, v, mask_h, scale, impl)
+    return out.reshape(B, W, n, H, d).permute(0, 3, 1, 2, 4)
+
+
+@register_notrace_module
+class MaSA(nn.Module):
+    """Manhattan self-attention: rotary-shifted q and k, decayed attention, plus LCE on v.
+
+    LCE (local context enhancement) is a depthwise 5x5 conv on v, added to the attention output.
+    Works on channels-last (B, H, W, C) features.
+    """
+
+    def __init__(self, dim: int, num_heads: int, decomposed: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.decomposed = decomposed
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.lce = nn.Conv2d(dim, dim, kernel_size=5, padding=2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, impl: str, tables: DecayTables) -> torch.Tensor:
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        lce = self.lce(v.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        sin, cos = tables[0].to(q.dtype), tables[1].to(q.dtype)
+        q, k = theta_shift(q, sin, cos), theta_shift(k, sin, cos)
+        if self.decomposed:
+            out = decomposed_attention(q, k, v, tables, self.scale, impl)
+        else:
+            out = full_attention(q, k, v, tables, self.scale, impl)
+        return self.proj(lce + out.reshape(B, H, W, C))
+
+    def extra_repr(self) -> str:
+        return f'num_heads={self.num_heads}, decomposed={self.decomposed}'

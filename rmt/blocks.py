@@ -1,0 +1,151 @@
+"""RMT building blocks: conv stem, downsampling, CPE, FFN, the RMT block and a stage of blocks.
+
+Stages work on channels-last (B, H, W, C) features so the Linear layers see contiguous channels;
+the depthwise convs view the same memory as channels-last NCHW, so no layout copies are needed.
+"""
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from timm.layers import DropPath, LayerScale
+from timm.models._manipulate import checkpoint
+
+from .attention import MaSA, needs_2d_mask, select_attn_impl
+from .decay import DecayTables, SpatialDecay
+
+__all__ = ['Stem', 'Downsample', 'DWConv', 'FFN', 'RMTBlock', 'RMTStage']
+
+
+class Stem(nn.Module):
+    """Four 3x3 convs (strides 2, 1, 2, 1) with BatchNorm and GELU: (B, 3, H, W) -> (B, C, H/4, W/4)."""
+
+    def __init__(self, in_chans: int, out_chans: int):
+        super().__init__()
+        mid = out_chans // 2
+        self.conv1 = nn.Conv2d(in_chans, mid, 3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=1, padding=1)
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_chans, 3, stride=2, padding=1)
+        self.norm3 = nn.BatchNorm2d(out_chans)
+        self.conv4 = nn.Conv2d(out_chans, out_chans, 3, stride=1, padding=1)
+        self.norm4 = nn.BatchNorm2d(out_chans)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.conv1(x)))
+        x = self.act(self.norm2(self.conv2(x)))
+        x = self.act(self.norm3(self.conv3(x)))
+        return self.norm4(self.conv4(x))
+
+
+class Downsample(nn.Module):
+    """3x3 conv with stride 2 and BatchNorm between stages, on channels-last features."""
+
+    def __init__(self, in_chans: int, out_chans: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv (with bias) on channels-last features."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class FFN(nn.Module):
+    """fc1, GELU, a residual depthwise 3x3 conv on the hidden width, fc2."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.dwconv = DWConv(hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        x = x + self.dwconv(x)
+        return self.fc2(x)
+
+
+class RMTBlock(nn.Module):
+    """CPE, then MaSA and FFN, each pre-norm with optional LayerScale and DropPath."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float,
+            decomposed: bool,
+            layer_scale_init: Optional[float] = None,
+            drop_path: float = 0.,
+    ):
+        super().__init__()
+        self.cpe = DWConv(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = MaSA(dim, num_heads, decomposed)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.ffn = FFN(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, impl: str, tables: DecayTables) -> torch.Tensor:
+        x = x + self.cpe(x)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), impl, tables)))
+        x = x + self.drop_path2(self.ls2(self.ffn(self.norm2(x))))
+        return x
+
+
+class RMTStage(nn.Module):
+    """Optional downsampling from the previous stage, then ``depth`` RMT blocks sharing one set of tables."""
+
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            num_heads: int,
+            init_value: float,
+            heads_range: float,
+            mlp_ratio: float,
+            decomposed: bool,
+            layer_scale_init: Optional[float] = None,
+            drop_path: Optional[List[float]] = None,
+            downsample: bool = True,
+    ):
+        super().__init__()
+        self.decomposed = decomposed
+        self.num_heads = num_heads
+        self.attn_impl = 'auto'
+        self.grad_checkpointing = False
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.decay = SpatialDecay(dim, num_heads, init_value, heads_range)
+        drop_path = drop_path or [0.] * depth
+        self.blocks = nn.ModuleList([
+            RMTBlock(dim, num_heads, mlp_ratio, decomposed, layer_scale_init, drop_path[i])
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        impl = select_attn_impl(self.attn_impl, self.decomposed, self.num_heads, x)
+        tables = self.decay(x.shape[1], x.shape[2], x, needs_2d_mask(impl, self.decomposed))
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, impl, tables)
+            else:
+                x = block(x, impl, tables)
+        return x

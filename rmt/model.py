@@ -1,0 +1,559 @@
+"""RMT: Retentive Networks Meet Vision Transformers (Fan et al., CVPR 2024, arXiv 2309.11523).
+
+A conv stem, four stages of RMT blocks (CPE, MaSA with Manhattan spatial decay, FFN) joined by
+strided-conv downsampling, and a head that projects every token to 1024 channels, normalises,
+applies Swish, pools and classifies. Stages 1-3 (1-2 in RMT-T) use MaSA decomposed along rows
+and columns; the last stage(s) attend over all tokens.
+
+This file holds the model, the loading of the released checkpoints, the variants and their
+timm registration. Released checkpoints load through timm::
+
+    model = timm.create_model('rmt_s', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth'))
+"""
+import argparse
+import logging
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import adapt_input_conv
+
+from .attention import ATTN_IMPLS
+from .blocks import RMTStage, Stem
+from .decay import decay_rates, rotary_angles
+
+__all__ = ['RMT', 'RMTHead', 'checkpoint_filter_fn', 'load_checkpoint_file', 'official_config_to_kwargs']
+
+_logger = logging.getLogger(__name__)
+
+
+@register_notrace_function
+def check_input(x: torch.Tensor, in_chans: int) -> None:
+    """Raise ``ValueError`` unless ``x`` is an image batch (B, in_chans, H, W)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f'RMT expects input of shape (B, {in_chans}, H, W), got {tuple(x.shape)}')
+
+
+class RMTHead(nn.Module):
+    """Per-token projection to ``hidden_size``, BatchNorm, Swish, global pool, classifier.
+
+    Takes the last stage's (B, C, H, W) features; ``pre_logits`` returns the pooled
+    ``hidden_size`` features (or the unpooled map when the pool is disabled).
+    """
+
+    def __init__(self, in_features: int, hidden_size: int, num_classes: int, pool_type: str = 'avg',
+                 drop_rate: float = 0.):
+        super().__init__()
+        self.in_features = in_features
+        self.hidden_size = hidden_size
+        self.proj = nn.Linear(in_features, hidden_size)
+        self.norm = nn.BatchNorm2d(hidden_size)
+        self.act = nn.SiLU()
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
+        if pool_type is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+        self.fc = nn.Linear(self.hidden_size, num_classes, device=device, dtype=dtype) \
+            if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.global_pool(self.act(self.norm(x)))
+        x = self.drop(x)
+        if pre_logits:
+            return x
+        if x.dim() == 4:  # no pooling: classify every location
+            return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x)
+
+
+class RMT(nn.Module):
+    """RMT backbone and classifier.
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier outputs (0 for none).
+        global_pool: pooling of the head ('avg', 'max', ... or '' for none).
+        embed_dims, depths, num_heads: per-stage width, block count and MaSA heads.
+        init_values, heads_ranges: per-stage decay hyper-parameters (see :func:`rmt.decay.decay_rates`).
+        mlp_ratios: per-stage FFN expansion.
+        decomposed: per-stage flag, MaSA decomposed along rows and columns (else full attention).
+        layer_scales: per-stage flag for LayerScale, initialised to ``layer_init_values``.
+        projection: width of the head's per-token projection.
+        token_label: add the token-labeling aux head; logits become ``cls + 0.5 * max_tokens(aux)``.
+        feature_norm: add a LayerNorm per stage output, applied to every intermediate (stage feature)
+            taken, as the paper's detection and segmentation backbones do.
+        drop_rate, drop_path_rate: classifier dropout, stochastic depth (linear over blocks).
+        attn_impl: attention path, one of ``rmt.ATTN_IMPLS`` ('auto' picks by device and size).
+        device, dtype: where and in which dtype to create the parameters.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            depths: Sequence[int] = (2, 2, 8, 2),
+            num_heads: Sequence[int] = (4, 4, 8, 16),
+            init_values: Sequence[float] = (2, 2, 2, 2),
+            heads_ranges: Sequence[float] = (4, 4, 6, 6),
+            mlp_ratios: Sequence[float] = (3, 3, 3, 3),
+            decomposed: Sequence[bool] = (True, True, False, False),
+            layer_scales: Sequence[bool] = (False, False, False, False),
+            layer_init_values: float = 1e-6,
+            projection: int = 1024,
+            token_label: bool = False,
+            feature_norm: bool = False,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            attn_impl: str = 'auto',
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        for name, value in (('embed_dims', embed_dims), ('num_heads', num_heads), ('init_values', init_values),
+                            ('heads_ranges', heads_ranges), ('mlp_ratios', mlp_ratios),
+                            ('decomposed', decomposed), ('layer_scales', layer_scales)):
+            if len(value) != num_stages:
+                raise ValueError(f'{name} has {len(value)} entries, depths has {num_stages}')
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.token_label = token_label and num_classes > 0
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.num_features = embed_dims[-1]
+        self.head_hidden_size = projection
+        self.feature_info: List[Dict[str, Any]] = []
+
+        with torch.device(device) if device is not None else nullcontext():
+            self.stem = Stem(in_chans, embed_dims[0])
+            dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(depths)]
+            stages = []
+            for i in range(num_stages):
+                stages.append(RMTStage(
+                    in_dim=embed_dims[i - 1] if i > 0 else embed_dims[0],
+                    dim=embed_dims[i],
+                    depth=depths[i],
+                    num_heads=num_heads[i],
+                    init_value=init_values[i],
+                    heads_range=heads_ranges[i],
+                    mlp_ratio=mlp_ratios[i],
+                    decomposed=decomposed[i],
+                    layer_scale_init=layer_init_values if layer_scales[i] else None,
+                    drop_path=dpr[i],
+                    downsample=i > 0,
+                ))
+                self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+            self.stages = nn.Sequential(*stages)
+            self.feature_norms = nn.ModuleList([nn.LayerNorm(d, eps=1e-6) for d in embed_dims]) \
+                if feature_norm else None
+            self.head = RMTHead(self.num_features, projection, num_classes, global_pool, drop_rate)
+            self.aux_head = nn.Linear(self.num_features, num_classes) if self.token_label else nn.Identity()
+            self.apply(self._init_weights)
+        if dtype is not None:
+            self.to(dtype)
+        self.set_attn_impl(attn_impl)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def set_attn_impl(self, impl: str = 'auto') -> None:
+        """Choose the attention path of every stage: one of ``rmt.ATTN_IMPLS``."""
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f'unknown attention implementation {impl!r}, expected one of {ATTN_IMPLS}')
+        for stage in self.stages:
+            stage.attn_impl = impl
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        ref = self.stem.conv1.weight
+        self.head.reset(num_classes, global_pool, device=ref.device, dtype=ref.dtype)
+        if self.token_label:
+            self.token_label = num_classes > 0
+            self.aux_head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
+                if self.token_label else nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (before the next stage's downsampling) and the final features.
+
+        Args:
+            x: input images (B, in_chans, H, W).
+            indices: take the last n stages if int, all if None, these stages if a sequence.
+            norm: unused; intermediates are normalised exactly when the model has ``feature_norm``.
+            stop_early: stop after the last requested stage.
+            output_fmt: 'NCHW' or 'NHWC' for the intermediates.
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        check_input(x, self.in_chans)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x).permute(0, 2, 3, 1)
+        if torch.jit.is_scripting() or not stop_early:
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = x
+                if self.feature_norms is not None:
+                    y = self.feature_norms[i](y)
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
+        if intermediates_only:
+            return intermediates
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last of ``indices``, and the head when asked or when stages go."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if self.feature_norms is not None:
+            self.feature_norms = self.feature_norms[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.head.proj, self.head.norm, self.head.act = nn.Identity(), nn.Identity(), nn.Identity()
+            self.head.hidden_size = self.head_hidden_size = self.num_features
+            self.token_label = False
+            self.aux_head = nn.Identity()
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last stage's features (B, C, H/32, W/32), unpooled."""
+        check_input(x, self.in_chans)
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = self.stages(x)
+        return x.permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        out = self.head(x, pre_logits=pre_logits)
+        if pre_logits or not self.token_label or out.dim() != 2:
+            return out
+        aux = self.aux_head(x.flatten(2).transpose(1, 2))
+        return out + 0.5 * aux.max(dim=1)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str, use_ema: bool = False) -> None:
+        """Load a released or project checkpoint file into this model (timm's ``custom_load`` hook)."""
+        state = load_checkpoint_file(checkpoint_path)
+        state_dict = checkpoint_filter_fn(state, self, use_ema=use_ema, source=str(checkpoint_path))
+        self.load_state_dict(state_dict, strict=True)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+def official_config_to_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Model kwargs from a config in the released code's argument names."""
+    names = dict(
+        embed_dims='embed_dims', depths='depths', num_heads='num_heads', init_values='init_values',
+        heads_ranges='heads_ranges', mlp_ratios='mlp_ratios', chunkwise_recurrents='decomposed',
+        layerscales='layer_scales', layer_init_values='layer_init_values', projection='projection',
+        num_classes='num_classes', in_chans='in_chans',
+    )
+    unknown = sorted(set(cfg) - set(names))
+    if unknown:
+        raise ValueError(f'unknown keys in the released config: {unknown}')
+    return {names[k]: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}
+
+
+def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read a checkpoint (``.pth``/``.pt`` via weights-only unpickling, or ``.safetensors``).
+
+    Never runs code from the file: only tensors, containers and ``argparse.Namespace`` (which the
+    released files carry as ``args``) are allowed.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(
+            f'refusing to load {path}: it holds objects other than tensors and containers, and loading them '
+            f'could run code from the file ({e})') from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise RuntimeError(f'cannot read checkpoint {path}: the file is truncated or corrupted ({e})') from None
+    if not isinstance(state, dict):
+        raise RuntimeError(f'checkpoint {path} holds a {type(state).__name__}, not a state dict')
+    return state
+
+
+def _unwrap(state: Dict[str, Any], use_ema: bool) -> Dict[str, torch.Tensor]:
+    if use_ema and isinstance(state.get('model_ema'), dict):
+        return state['model_ema']
+    for key in ('model', 'state_dict', 'model_ema'):
+        if isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+_OFFICIAL_RENAMES = [
+    (r'^patch_embed\.proj\.(0|3|6|9)\.', lambda m: f'stem.conv{(int(m.group(1)) // 3) + 1}.'),
+    (r'^patch_embed\.proj\.(1|4|7|10)\.', lambda m: f'stem.norm{(int(m.group(1)) - 1) // 3 + 1}.'),
+    (r'^layers\.(\d+)\.downsample\.reduction\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.conv.'),
+    (r'^layers\.(\d+)\.downsample\.norm\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.norm.'),
+    (r'^layers\.(\d+)\.blocks\.', r'stages.\1.blocks.'),
+    (r'\.retention_layer_norm\.', '.norm1.'),
+    (r'\.final_layer_norm\.', '.norm2.'),
+    (r'\.retention\.lepe\.conv\.', '.attn.lce.'),
+    (r'\.retention\.out_proj\.', '.attn.proj.'),
+    (r'\.pos\.conv\.', '.cpe.conv.'),
+    (r'\.gamma_1$', '.ls1.gamma'),
+    (r'\.gamma_2$', '.ls2.gamma'),
+    (r'^proj\.', 'head.proj.'),
+    (r'^norm\.', 'head.norm.'),
+    (r'^head\.(weight|bias)$', r'head.fc.\1'),
+]
+
+
+def _from_official(state_dict: Dict[str, torch.Tensor], model: RMT) -> Dict[str, torch.Tensor]:
+    """Released key names and layouts to this model's; checks and drops the position buffers."""
+    out: Dict[str, torch.Tensor] = {}
+    qkv: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        m = re.match(r'^layers\.(\d+)\.Relpos\.(angle|decay)$', key)
+        if m:
+            _check_position_buffer(key, value, model, int(m.group(1)), m.group(2))
+            continue
+        m = re.match(r'^layers\.(\d+)\.blocks\.(\d+)\.retention\.(q|k|v)_proj\.(weight|bias)$', key)
+        if m:
+            prefix = f'stages.{m.group(1)}.blocks.{m.group(2)}.attn.qkv.{m.group(4)}'
+            qkv.setdefault(prefix, {})[m.group(3)] = value
+            continue
+        for pattern, repl in _OFFICIAL_RENAMES:
+            key = re.sub(pattern, repl, key)
+        if key.endswith(('.ls1.gamma', '.ls2.gamma')):
+            value = value.reshape(-1)
+        out[key] = value
+    for prefix, parts in qkv.items():
+        if set(parts) != {'q', 'k', 'v'}:
+            raise ValueError(f'checkpoint has only the {sorted(parts)} projections for {prefix}')
+        out[prefix] = torch.cat([parts['q'], parts['k'], parts['v']], dim=0)
+    return out
+
+
+def _check_position_buffer(key: str, value: torch.Tensor, model: RMT, stage: int, kind: str) -> None:
+    if stage >= len(model.stages):
+        return  # a pruned model; the stage's weights are dropped as unexpected keys
+    decay = model.stages[stage].decay
+    expected = rotary_angles(decay.head_dim) if kind == 'angle' else \
+        decay_rates(decay.num_heads, decay.init_value, decay.heads_range)
+    if value.shape != expected.shape or not torch.allclose(value.float().cpu(), expected, rtol=1e-5, atol=1e-6):
+        raise ValueError(
+            f'checkpoint key {key} {tuple(value.shape)} does not match this model\'s stage {stage} '
+            f'(expected {tuple(expected.shape)}): the checkpoint was made for another RMT configuration')
+
+
+def checkpoint_filter_fn(
+        state_dict: Dict[str, Any],
+        model: RMT,
+        use_ema: bool = False,
+        source: str = 'checkpoint',
+) -> Dict[str, torch.Tensor]:
+    """Turn a released RMT checkpoint, or one of ours, into a state dict for ``model``.
+
+    Accepts the released training checkpoint as downloaded (``model``, maybe ``model_ema``,
+    ``args``, optimizer state, ...; ``model`` is taken unless ``use_ema``), a bare state dict in the
+    released names, or a state dict in this project's names. Drops the released position buffers
+    after checking them against the model's config, drops the classifier when the class count
+    differs, adapts the stem to ``in_chans``, and raises ``ValueError`` naming the disagreeing keys
+    when the checkpoint does not fit the model.
+    """
+    state_dict = _unwrap(state_dict, use_ema)
+    state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if any(k.startswith(('patch_embed.', 'layers.')) for k in state_dict):
+        state_dict = _from_official(state_dict, model)
+
+    expected = model.state_dict()
+    # a new class count: the classifiers are re-initialised
+    classifier_keys = [k for k in state_dict if k.startswith(('head.fc.', 'aux_head.'))]
+    if any(k not in expected or expected[k].shape != state_dict[k].shape for k in classifier_keys):
+        if classifier_keys:
+            _logger.info(f'{source}: classifier {classifier_keys} not loaded (model has {model.num_classes} classes)')
+        for k in classifier_keys:
+            state_dict.pop(k)
+        for k in expected:
+            if k.startswith(('head.fc.', 'aux_head.')):
+                state_dict[k] = expected[k]
+    # another input channel count: adapt the first conv as timm does
+    stem_key = 'stem.conv1.weight'
+    if stem_key in state_dict and stem_key in expected and state_dict[stem_key].shape[1] != model.in_chans:
+        state_dict[stem_key] = adapt_input_conv(model.in_chans, state_dict[stem_key])
+
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = sorted(
+        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
+        for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape)
+    if missing or mismatched:
+        lines = [f'{source} does not fit this {type(model).__name__} model']
+        if mismatched:
+            lines.append('shape mismatches: ' + '; '.join(mismatched[:20]))
+        if missing:
+            lines.append(f'missing keys ({len(missing)}): ' + ', '.join(missing[:20]))
+        if unexpected:
+            lines.append(f'unexpected keys ({len(unexpected)}): ' + ', '.join(unexpected[:20]))
+        raise ValueError('\n'.join(lines))
+    if unexpected:
+        warnings.warn(f'{source}: ignoring keys this model does not have: {", ".join(unexpected)}')
+        for k in unexpected:
+            state_dict.pop(k)
+    return state_dict
+
+
+# --- variants and registration ----------------------------------------------------------------------
+
+def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if overlay.get('file') and 'custom_load' not in overlay:
+        overlay['custom_load'] = True  # our loader: prefers `model` over `model_ema`, maps released names
+    tag = kwargs.get('pretrained_cfg')
+    if isinstance(tag, str) and tag.endswith('_tl'):
+        kwargs.setdefault('token_label', True)
+    return build_model_with_cfg(
+        RMT, variant, pretrained,
+        pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(token_label: bool = False, **kwargs) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1', 'classifier': ('head.fc', 'aux_head') if token_label else 'head.fc',
+        'paper_ids': 'arXiv:2309.11523',
+        'paper_name': 'RMT: Retentive Networks Meet Vision Transformers',
+        'origin_url': 'https://github.com/qhfan/RMT',
+        'notes': ('released weights are not hosted; pass the file: pretrained_cfg_overlay=dict(file=...)',),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'rmt_t.in1k': _cfg(),
+    'rmt_s.in1k': _cfg(),
+    'rmt_s.in1k_tl': _cfg(token_label=True),
+    'rmt_b.in1k': _cfg(),
+    'rmt_b.in1k_tl': _cfg(token_label=True),
+    'rmt_l.in1k': _cfg(),
+    'rmt_l.in1k_tl': _cfg(token_label=True),
+})
+
+# The released configurations (reference README, section 8); drop path rates are training recipe values.
+MODEL_ARGS: Dict[str, Dict[str, Any]] = {
+    'rmt_t': dict(
+        embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), heads_ranges=(4, 4, 6, 6),
+        mlp_ratios=(3, 3, 3, 3), decomposed=(True, True, False, False), layer_scales=(False,) * 4),
+    'rmt_s': dict(
+        embed_dims=(64, 128, 256, 512), depths=(3, 4, 18, 4), num_heads=(4, 4, 8, 16), heads_ranges=(4, 4, 6, 6),
+        mlp_ratios=(4, 4, 3, 3), decomposed=(True, True, True, False), layer_scales=(False,) * 4),
+    'rmt_b': dict(
+        embed_dims=(80, 160, 320, 512), depths=(4, 8, 25, 8), num_heads=(5, 5, 10, 16), heads_ranges=(5, 5, 6, 6),
+        mlp_ratios=(4, 4, 3, 3), decomposed=(True, True, True, False), layer_scales=(False, False, True, True)),
+    'rmt_l': dict(
+        embed_dims=(112, 224, 448, 640), depths=(4, 8, 25, 8), num_heads=(7, 7, 14, 20), heads_ranges=(6, 6, 6, 6),
+        mlp_ratios=(4, 4, 3, 3), decomposed=(True, True, True, False), layer_scales=(False, False, True, True)),
+}
+
+
+@register_model
+def rmt_t(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-T: 14.3M params, 82.4% ImageNet-1k top-1 (paper)."""
+    return _create_rmt('rmt_t', pretrained, **dict(MODEL_ARGS['rmt_t'], **kwargs))
+
+
+@register_model
+def rmt_s(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-S: 27.0M params, 84.1% ImageNet-1k top-1 (paper), 84.8% with token labeling."""
+    return _create_rmt('rmt_s', pretrained, **dict(MODEL_ARGS['rmt_s'], **kwargs))
+
+
+@register_model
+def rmt_b(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-B: 54.2M params, 85.0% ImageNet-1k top-1 (paper), 85.6% with token labeling."""
+    return _create_rmt('rmt_b', pretrained, **dict(MODEL_ARGS['rmt_b'], **kwargs))
+
+
+@register_model
+def rmt_l(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-L: 95.5M params, 85.5% ImageNet-1k top-1 (paper), 86.1% with token labeling."""
+    return _create_rmt('rmt_l', pretrained, **dict(MODEL_ARGS['rmt_l'], **kwargs))
