@@ -42,8 +42,7 @@ _logger = logging.getLogger(__name__)
 def check_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise ``ValueError`` unless ``x`` is an image batch (B, in_chans, H, W)."""
     if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(
-            f'RMT expects input of shape (B, {in_chans}, H, W), got {tuple(x.shape)}')
+        raise ValueError('RMT expects input of shape (B, {}, H, W), got {}'.format(in_chans, list(x.shape)))
 
 
 class RMTHead(nn.Module):
@@ -61,13 +60,13 @@ class RMTHead(nn.Module):
         self.proj = nn.Linear(in_features, hidden_size)
         self.norm = nn.BatchNorm2d(hidden_size)
         self.act = nn.SiLU()
-        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
         if pool_type is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
         self.fc = nn.Linear(self.hidden_size, num_classes, device=device, dtype=dtype) \
             if num_classes > 0 else nn.Identity()
 
@@ -163,7 +162,8 @@ class RMT(nn.Module):
                 ))
                 self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
             self.stages = nn.Sequential(*stages)
-            self.feature_norms = nn.ModuleList([nn.LayerNorm(d, eps=1e-6) for d in embed_dims]) \
+            # eps 1e-5 (nn.LayerNorm's default), as the released detection/segmentation backbones' extra_norms
+            self.feature_norms = nn.ModuleList([nn.LayerNorm(d) for d in embed_dims]) \
                 if feature_norm else None
             self.head = RMTHead(self.num_features, projection, num_classes, global_pool, drop_rate)
             self.aux_head = nn.Linear(self.num_features, num_classes) if self.token_label else nn.Identity()
@@ -378,6 +378,7 @@ _OFFICIAL_RENAMES = [
     (r'^proj\.', 'head.proj.'),
     (r'^norm\.', 'head.norm.'),
     (r'^head\.(weight|bias)$', r'head.fc.\1'),
+    (r'^extra_norms\.', 'feature_norms.'),  # the released detection/segmentation backbones
 ]
 
 
@@ -450,6 +451,9 @@ def checkpoint_filter_fn(
         for k in expected:
             if k.startswith(('head.fc.', 'aux_head.')):
                 state_dict[k] = expected[k]
+    # a dense-prediction backbone (feature_norm=True) from a classification checkpoint: the norms start fresh
+    if not any(k.startswith('feature_norms.') for k in state_dict):
+        state_dict.update({k: v for k, v in expected.items() if k.startswith('feature_norms.')})
     # another input channel count: adapt the first conv as timm does
     stem_key = 'stem.conv1.weight'
     if stem_key in state_dict and stem_key in expected and state_dict[stem_key].shape[1] != model.in_chans:
