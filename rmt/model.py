@@ -42,7 +42,8 @@ _logger = logging.getLogger(__name__)
 def check_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise ``ValueError`` unless ``x`` is an image batch (B, in_chans, H, W)."""
     if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError('RMT expects input of shape (B, {}, H, W), got {}'.format(in_chans, list(x.shape)))
+        raise ValueError(
+            f'RMT expects input of shape (B, {in_chans}, H, W), got {tuple(x.shape)}')
 
 
 class RMTHead(nn.Module):
@@ -60,13 +61,13 @@ class RMTHead(nn.Module):
         self.proj = nn.Linear(in_features, hidden_size)
         self.norm = nn.BatchNorm2d(hidden_size)
         self.act = nn.SiLU()
-        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
         if pool_type is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
         self.fc = nn.Linear(self.hidden_size, num_classes, device=device, dtype=dtype) \
             if num_classes > 0 else nn.Identity()
 
