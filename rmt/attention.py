@@ -51,6 +51,16 @@ def set_attn_budget(mask_bytes: Optional[int] = None, block_bytes: Optional[int]
         _BLOCK_BYTES = int(block_bytes)
 
 
+@torch.jit.ignore
+def _mask_budget() -> int:
+    return _MASK_BUDGET_BYTES
+
+
+@torch.jit.ignore
+def _block_budget() -> int:
+    return _BLOCK_BYTES
+
+
 @functools.lru_cache(maxsize=None)
 def _flex_attention():
     try:
@@ -72,7 +82,7 @@ def _auto_full_impl(num_heads: int, height: int, width: int, x: torch.Tensor) ->
     tokens = height * width
     if x.device.type == 'cuda' and tokens >= _FLEX_MIN_TOKENS and _flex_attention() is not None:
         return 'flex'
-    if num_heads * tokens * tokens * x.element_size() > _MASK_BUDGET_BYTES:
+    if num_heads * tokens * tokens * x.element_size() > _mask_budget():
         return 'blocked'
     return 'sdpa'
 
@@ -92,7 +102,7 @@ def select_attn_impl(requested: str, decomposed: bool, num_heads: int, x: torch.
         return requested
     if torch.jit.is_scripting():
         tokens = x.shape[1] * x.shape[2]
-        if num_heads * tokens * tokens * x.element_size() > _MASK_BUDGET_BYTES:
+        if num_heads * tokens * tokens * x.element_size() > _mask_budget():
             return 'blocked'
         return 'sdpa'
     return _auto_full_impl(num_heads, x.shape[1], x.shape[2], x)
@@ -128,7 +138,7 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Te
              scale: float) -> torch.Tensor:
     """Full attention in blocks of image rows; each block builds only its (n, rows*W, HW) decay slice."""
     n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
-    rows = max(1, _BLOCK_BYTES // max(1, n * W * H * W * q.element_size()))
+    rows = max(1, _block_budget() // max(1, n * W * H * W * q.element_size()))
     outs = []
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
@@ -156,8 +166,10 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: De
                    impl: str) -> torch.Tensor:
     """Attention over all H*W tokens; q, k, v and the result are (B, H, W, n, d)."""
     B, H, W, n, d = q.shape
-    _, _, decay, mask_h, mask_w, mask_2d = tables
-    q, k, v = [t.reshape(B, H * W, n, d).transpose(1, 2) for t in (q, k, v)]
+    decay, mask_h, mask_w, mask_2d = tables[2], tables[3], tables[4], tables[5]
+    q = q.reshape(B, H * W, n, d).transpose(1, 2)
+    k = k.reshape(B, H * W, n, d).transpose(1, 2)
+    v = v.reshape(B, H * W, n, d).transpose(1, 2)
     if impl == 'blocked':
         out = _blocked(q, k, v, mask_h, mask_w, scale)
     elif impl == 'flex':
@@ -167,8 +179,18 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: De
             raise RuntimeError('the full-attention paths need the 2-D decay mask in the tables')
         out = _attend(q, k, v, mask_2d, scale, impl)
     else:
-        raise ValueError(f'unknown attention implementation {impl!r}, expected one of {ATTN_IMPLS}')
+        raise ValueError('unknown attention implementation ' + impl)
     return out.transpose(1, 2).reshape(B, H, W, n, d)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    B, H, W, n, d = x.shape
+    return x.reshape(B * H, W, n, d).transpose(1, 2)
+
+
+def _columns(x: torch.Tensor) -> torch.Tensor:
+    B, H, W, n, d = x.shape
+    return x.transpose(1, 2).reshape(B * W, H, n, d).transpose(1, 2)
 
 
 def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: DecayTables, scale: float,
@@ -177,11 +199,10 @@ def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tabl
     B, H, W, n, d = q.shape
     mask_h, mask_w = tables[3], tables[4]
     # rows: batch (B*H), sequence W, as views of the (B, H, W, n, d) layout
-    v = _attend(*[t.reshape(B * H, W, n, d).transpose(1, 2) for t in (q, k, v)], mask_w, scale, impl)
+    v = _attend(_rows(q), _rows(k), _rows(v), mask_w, scale, impl)
     v = v.transpose(1, 2).reshape(B, H, W, n, d)
     # columns: batch (B*W), sequence H; (B, W) do not merge in this layout, so these are copies
-    q, k, v = [t.transpose(1, 2).reshape(B * W, H, n, d).transpose(1, 2) for t in (q, k, v)]
-    out = _attend(q, k, v, mask_h, scale, impl)
+    out = _attend(_columns(q), _columns(k), _columns(v), mask_h, scale, impl)
     return out.reshape(B, W, n, H, d).permute(0, 3, 1, 2, 4)
 
 

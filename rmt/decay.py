@@ -84,6 +84,7 @@ class SpatialDecay(nn.Module):
     the materialised-mask paths); the decomposed and blocked paths need only the 1-D masks.
     """
     cache_size: int = 8
+    __jit_ignored_attributes__ = ['_cache']
 
     def __init__(self, dim: int, num_heads: int, init_value: float, heads_range: float):
         super().__init__()

@@ -42,8 +42,7 @@ _logger = logging.getLogger(__name__)
 def check_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise ``ValueError`` unless ``x`` is an image batch (B, in_chans, H, W)."""
     if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(
-            f'RMT expects input of shape (B, {in_chans}, H, W), got {tuple(x.shape)}')
+        raise ValueError('RMT expects input of shape (B, {}, H, W), got {}'.format(in_chans, list(x.shape)))
 
 
 class RMTHead(nn.Module):
@@ -61,13 +60,15 @@ class RMTHead(nn.Module):
         self.proj = nn.Linear(in_features, hidden_size)
         self.norm = nn.BatchNorm2d(hidden_size)
         self.act = nn.SiLU()
-        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+        self.pooled = bool(pool_type)
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=self.pooled)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
         if pool_type is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+            self.pooled = bool(pool_type)
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=self.pooled)
         self.fc = nn.Linear(self.hidden_size, num_classes, device=device, dtype=dtype) \
             if num_classes > 0 else nn.Identity()
 
@@ -77,7 +78,7 @@ class RMTHead(nn.Module):
         x = self.drop(x)
         if pre_logits:
             return x
-        if x.dim() == 4:  # no pooling: classify every location
+        if not self.pooled:  # classify every location
             return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.fc(x)
 
@@ -296,7 +297,7 @@ class RMT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         out = self.head(x, pre_logits=pre_logits)
-        if pre_logits or not self.token_label or out.dim() != 2:
+        if pre_logits or not self.token_label or not self.head.pooled:
             return out
         aux = self.aux_head(x.flatten(2).transpose(1, 2))
         return out + 0.5 * aux.max(dim=1)[0]

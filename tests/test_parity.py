@@ -1,0 +1,58 @@
+"""Numerical parity with the released code, through timm's pretrained-loading path (tolerance 1e-4)."""
+import pytest
+import torch
+
+from conftest import SMALL_TL_CHECKPOINT, load_small
+
+SIZES = ['64x64', '96x80', '70x50']
+ATOL = 1e-4
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_logits_match_released_code(small_model, expected, size):
+    with torch.no_grad():
+        logits = small_model(expected[size]['input'])
+    assert (logits - expected[size]['logits']).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_stage_features_match_released_code(small_model, expected, size):
+    with torch.no_grad():
+        features = small_model.forward_intermediates(expected[size]['input'], intermediates_only=True)
+    assert len(features) == 4
+    for ours, theirs in zip(features, expected[size]['stage_features']):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_features_only_model_matches_released_stage_features(expected, size):
+    import timm
+    from conftest import SMALL_CHECKPOINT, small_kwargs
+    backbone = timm.create_model(
+        'rmt_t', pretrained=True, features_only=True,
+        pretrained_cfg_overlay=dict(file=str(SMALL_CHECKPOINT), num_classes=10), **small_kwargs()).eval()
+    with torch.no_grad():
+        features = backbone(expected[size]['input'])
+    for ours, theirs in zip(features, expected[size]['stage_features']):
+        assert (ours - theirs).abs().max().item() < ATOL
+
+
+def test_token_label_logits_match_released_code(expected_tl):
+    model = load_small(SMALL_TL_CHECKPOINT, token_label=True)
+    assert list(expected_tl) == ['64x64']  # the token-labeling fixture has one size
+    with torch.no_grad():
+        logits = model(expected_tl['64x64']['input'])
+    assert (logits - expected_tl['64x64']['logits']).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'blocked', 'flex'])
+def test_every_attention_path_matches_released_code(expected, impl, monkeypatch):
+    import rmt.attention
+    monkeypatch.setattr(rmt.attention, '_BLOCK_BYTES', 1)  # one image row per block
+    model = load_small()
+    model.set_attn_impl(impl)
+    for size in SIZES:
+        with torch.no_grad():
+            logits = model(expected[size]['input'])
+        assert (logits - expected[size]['logits']).abs().max().item() < ATOL, size
