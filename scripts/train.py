@@ -1,0 +1,490 @@
+#!/usr/bin/env python3
+"""Train or fine-tune RMT (or any timm model) on an image folder or a timm dataset.
+
+Takes timm's ``train.py`` flags with the same names and meanings (``--config FILE.yaml`` sets any of
+them; the command line wins) and is built from timm's library: datasets, loaders, transforms and
+Mixup from ``timm.data``, losses from ``timm.loss``, ``create_optimizer_v2``, ``create_scheduler_v2``,
+EMA, loss scaling, checkpoint saving, ``summary.csv`` and distributed set-up from ``timm.utils``.
+
+    python scripts/train.py --config configs/rmt_t_in1k.yaml --data-dir /data/imagenet
+    torchrun --nproc-per-node 8 scripts/train.py --config configs/rmt_s_in1k.yaml --data-dir /data/imagenet
+    python scripts/train.py --config configs/rmt_s_finetune_pets.yaml --data-dir pets \\
+        --pretrained-path RMT-S.pth --num-classes 37
+
+Fault tolerance: checkpoints are written atomically at the end of every epoch; ``--resume
+OUTPUT/last.pth.tar`` restores the epoch, model, optimizer, LR scheduler, EMA and loss-scaler state
+and the random streams are re-seeded from ``--seed`` and the epoch number at the start of every
+epoch, so a killed run resumed from its last checkpoint continues exactly as if uninterrupted (on
+a deterministic device; the interrupted epoch is redone from its start). A non-finite loss stops
+the run with a message naming the step.
+"""
+import argparse
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import suppress
+from datetime import datetime, timedelta
+from functools import partial
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    AtomicCheckpointSaver, ScriptError, add_model_kwargs_arg, build_model, check_num_classes,
+    create_eval_loader, dataset_classes, default_device, evaluate, open_dataset, parse_args_with_config,
+    read_checkpoint, run_main)
+
+from timm import utils  # noqa: E402
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config  # noqa: E402
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.models import clean_state_dict, model_parameters, safe_model_name  # noqa: E402
+from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
+
+_logger = logging.getLogger('train')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Train or fine-tune RMT with timm', allow_abbrev=False)
+    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag values (flags override it)')
+    g = p.add_argument_group('data')
+    g.add_argument('--data-dir', metavar='DIR', help='dataset root (image folder: train/ and validation/ or val/)')
+    g.add_argument('--dataset', metavar='NAME', default='', help='timm dataset "<type>/<name>" (default: image folder)')
+    g.add_argument('--train-split', metavar='NAME', default='train')
+    g.add_argument('--val-split', metavar='NAME', default='validation', help='"" to train without validation')
+    g.add_argument('--dataset-download', action='store_true', default=False)
+    g.add_argument('--class-map', default='', metavar='FILE', help='class name to index mapping file')
+    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='classes (default: the model\'s)')
+    g.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (default: the model\'s)')
+    g.add_argument('--in-chans', type=int, default=None, metavar='N')
+    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'))
+    g.add_argument('--crop-pct', default=None, type=float, metavar='PCT', help='validation centre-crop fraction')
+    g.add_argument('--mean', type=float, nargs='+', default=None)
+    g.add_argument('--std', type=float, nargs='+', default=None)
+    g.add_argument('--interpolation', default='', type=str)
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data-loading processes per process')
+    g.add_argument('--pin-mem', action='store_true', default=False)
+    g.add_argument('--no-prefetcher', action='store_true', default=False)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='rmt_t', metavar='NAME')
+    g.add_argument('--pretrained', action='store_true', default=False, help='start from the pretrained weights')
+    g.add_argument('--pretrained-path', default=None, metavar='FILE',
+                   help='load FILE (released RMT .pth, ours, .safetensors) as the pretrained weights; '
+                        'the classifier is re-initialised when the class count differs')
+    g.add_argument('--initial-checkpoint', default='', metavar='FILE', help='start from these weights (exact fit)')
+    g.add_argument('--resume', default='', metavar='FILE', help='resume a run from its checkpoint (last.pth.tar)')
+    g.add_argument('--no-resume-opt', action='store_true', default=False, help='resume weights but not optimizer')
+    g.add_argument('--start-epoch', default=None, type=int, metavar='N', help='override the resumed epoch')
+    g.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type')
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='classifier dropout')
+    g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate')
+    add_model_kwargs_arg(g)
+    g.add_argument('--grad-checkpointing', action='store_true', default=False)
+    g.add_argument('--channels-last', action='store_true', default=False)
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--opt', default='sgd', type=str, metavar='NAME')
+    g.add_argument('--opt-eps', default=None, type=float)
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+')
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    g.add_argument('--clip-mode', type=str, default='norm', help='"norm", "value" or "agc"')
+    g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
+    g.add_argument('--sched', type=str, default='cosine', metavar='NAME')
+    g.add_argument('--sched-on-updates', action='store_true', default=False, help='step the LR every update')
+    g.add_argument('--lr', type=float, default=None, help='learning rate (default: from --lr-base)')
+    g.add_argument('--lr-base', type=float, default=0.1, help='lr = lr_base * global batch / lr_base_size')
+    g.add_argument('--lr-base-size', type=int, default=256)
+    g.add_argument('--lr-base-scale', type=str, default='', help='"linear" or "sqrt" (default: by optimizer)')
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0.)
+    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-prefix', action='store_true', default=False)
+    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    g.add_argument('--patience-epochs', type=int, default=10)
+    g = p.add_argument_group('augmentation and regularisation')
+    g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], help='random-resized-crop scale')
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--aa', type=str, default=None, help='auto-augment policy, e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    g.add_argument('--remode', type=str, default='pixel')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (on if > 0)')
+    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (on if > 0)')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch')
+    g.add_argument('--mixup-off-epoch', type=int, default=0)
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--bce-loss', action='store_true', default=False)
+    g.add_argument('--train-interpolation', type=str, default='random')
+    g = p.add_argument_group('EMA, precision, devices, output')
+    g.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of the weights')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', action='store_true', default=False)
+    g.add_argument('--model-ema-force-cpu', action='store_true', default=False)
+    g.add_argument('--device', default=default_device(), help='default: cuda when available, else cpu')
+    g.add_argument('--dist-bn', type=str, default='reduce', help='sync BatchNorm stats after each epoch')
+    g.add_argument('--amp', action='store_true', default=False, help='mixed precision')
+    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--log-interval', type=int, default=50, metavar='N', help='log every N optimizer updates')
+    g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='numbered checkpoints to keep')
+    g.add_argument('--eval-metric', default='top1', help='top1, top5, loss, or ema_top1... to pick the best')
+    g.add_argument('--output', default='', metavar='DIR', help='output root (default: ./output/train)')
+    g.add_argument('--experiment', default='', metavar='NAME', help='run folder name (default: date-model-size)')
+    return p
+
+
+def format_time(seconds: float) -> str:
+    return str(timedelta(seconds=int(round(max(seconds, 0.)))))
+
+
+def seed_epoch(args, epoch: int) -> None:
+    """Re-seed every random stream from (seed, epoch, rank): data order, augmentation, mixup, drop path.
+
+    This is what makes a resumed run identical to an uninterrupted one without storing RNG states.
+    """
+    utils.random_seed(args.seed + 100_003 * (epoch + 1), args.rank)
+
+
+def prune_summary(path: str, start_epoch: int) -> None:
+    """Drop rows of epochs that will be trained again after a resume (and any torn last line)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, kept = rows[0], [rows[0]]
+    for row in rows[1:]:
+        if len(row) == len(header) and row[0].strip().isdigit() and int(row[0]) < start_epoch:
+            kept.append(row)
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)
+
+
+def train_one_epoch(epoch, num_epochs, model, loader, optimizer, loss_fn, args, device, lr_scheduler,
+                    amp_autocast, loss_scaler, model_ema, mixup_fn, last_checkpoint):
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if args.prefetcher and getattr(loader, 'mixup_enabled', False):
+            loader.mixup_enabled = False
+        elif mixup_fn is not None:
+            mixup_fn.mixup_enabled = False
+    model.train()
+    num_batches = len(loader)
+    accum = args.grad_accum_steps
+    updates_per_epoch = (num_batches + accum - 1) // accum
+    num_updates = epoch * updates_per_epoch
+    first_short_group = num_batches - num_batches % accum  # batches from here on form a shorter last group
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    start = time.time()
+    optimizer.zero_grad()
+    for batch_idx, (images, target) in enumerate(loader):
+        need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum == 0
+        group = accum if batch_idx < first_short_group else num_batches % accum
+        if not args.prefetcher:
+            images, target = images.to(device), target.to(device)
+            if mixup_fn is not None:
+                images, target = mixup_fn(images, target)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        no_sync = model.no_sync() if args.distributed and not need_update else suppress()
+        with no_sync:
+            with amp_autocast():
+                loss = loss_fn(model(images), target)
+            bad = (~torch.isfinite(loss.detach())).int()
+            if args.distributed:
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            if bad.item():
+                raise ScriptError(
+                    f'non-finite loss ({loss.item()}) at epoch {epoch}, step {batch_idx + 1}/{num_batches} '
+                    f'(optimizer update {num_updates + 1}); stopping instead of training on garbage. The last good '
+                    f'checkpoint is {last_checkpoint or "(none yet)"}; try a lower --lr, --clip-grad, or fp32.')
+            loss_sum += loss.detach().double() * images.shape[0]
+            seen += images.shape[0]
+            if group > 1:
+                loss = loss / group
+            params = model_parameters(model, exclude_head='agc' in args.clip_mode)
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=params, need_update=need_update)
+            else:
+                loss.backward()
+                if need_update:
+                    if args.clip_grad is not None:
+                        utils.dispatch_clip_grad(params, value=args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
+        if not need_update:
+            continue
+        num_updates += 1
+        optimizer.zero_grad()
+        if model_ema is not None:
+            model_ema.update(utils.unwrap_model(model), step=num_updates)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        update_idx = batch_idx // accum
+        if utils.is_primary(args) and (update_idx % args.log_interval == 0 or update_idx == updates_per_epoch - 1):
+            elapsed = time.time() - start
+            rate = seen * args.world_size / max(elapsed, 1e-9)
+            eta = elapsed / (update_idx + 1) * (updates_per_epoch - update_idx - 1)
+            lrs = [g['lr'] for g in optimizer.param_groups]
+            _logger.info(
+                f'Train: {epoch}/{num_epochs} [{update_idx + 1:>5d}/{updates_per_epoch} '
+                f'({100. * (update_idx + 1) / updates_per_epoch:3.0f}%)]  loss {loss.item() * group:.4f} '
+                f'({loss_sum.item() / seen:.4f})  lr {sum(lrs) / len(lrs):.3e}  {rate:.1f} img/s  '
+                f'epoch ETA {format_time(eta)}')
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
+    totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    if args.distributed:
+        torch.distributed.all_reduce(totals)
+    elapsed = time.time() - start
+    return dict(loss=(totals[0] / totals[1].clamp(min=1)).item()), totals[1].item() / max(elapsed, 1e-9), elapsed
+
+
+def main(argv=None):
+    utils.setup_default_logging()
+    args = parse_args_with_config(build_parser(), argv)
+    args_text = yaml.safe_dump(vars(args), default_flow_style=False)
+    args.grad_accum_steps = max(1, args.grad_accum_steps)
+    device = utils.init_distributed_device(args)
+    primary = utils.is_primary(args)
+    if args.distributed:
+        _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
+    elif primary:
+        _logger.info(f'Training with a single process on {args.device}.')
+    args.prefetcher = device.type == 'cuda' and not args.no_prefetcher
+
+    amp_autocast, loss_scaler = suppress, None
+    if args.amp:
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        if device.type == 'cuda' and amp_dtype == torch.float16:
+            loss_scaler = utils.NativeScaler(device=device.type)
+    utils.random_seed(args.seed, args.rank)
+
+    # data first: a bad --data-dir or a class-count mismatch fails before anything is built
+    dataset_train = open_dataset(args, args.train_split, True, args.class_map)
+    dataset_eval = open_dataset(args, args.val_split, False, args.class_map) if args.val_split else None
+    train_classes = dataset_classes(dataset_train)
+    train_root = getattr(getattr(dataset_train, 'reader', None), 'root', None)
+    if dataset_eval is not None:
+        eval_root = getattr(getattr(dataset_eval, 'reader', None), 'root', None)
+        if train_root and eval_root and os.path.abspath(train_root) == os.path.abspath(eval_root):
+            raise ScriptError(
+                f'the "{args.train_split}" and "{args.val_split}" splits both resolve to {train_root}: give --data-dir '
+                f'a {args.train_split}/ and a {args.val_split}/ (or val/) folder, or pass --val-split "" to skip '
+                f'validation')
+        eval_classes = dataset_classes(dataset_eval)
+        if train_classes and eval_classes and train_classes != eval_classes:
+            raise ScriptError(
+                f'the "{args.val_split}" split has classes {eval_classes[:10]} but "{args.train_split}" has '
+                f'{train_classes[:10]}: labels would not match; use the same class folders or a --class-map')
+
+    model = build_model(args, args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                        global_pool=args.gp)
+    args.num_classes = model.num_classes
+    check_num_classes(train_classes, model.num_classes, f'the "{args.train_split}" split of {args.data_dir}',
+                      f'pass --num-classes {len(train_classes) if train_classes else ""}')
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if primary:
+        _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, '
+                     f'{model.num_classes} classes.')
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    model.to(device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    if not args.lr:
+        global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+        scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+        ratio = global_batch / args.lr_base_size
+        args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+        if primary:
+            _logger.info(f'Learning rate {args.lr:.3g}: --lr-base {args.lr_base} scaled ({scale}) from batch '
+                         f'{args.lr_base_size} to the global batch {global_batch}.')
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+
+    resume_state = None
+    if args.resume:
+        resume_state = read_checkpoint(args.resume)
+        if not isinstance(resume_state.get('state_dict'), dict) or 'epoch' not in resume_state:
+            raise ScriptError(f'--resume {args.resume} is not a training checkpoint of this script; to start from '
+                              f'its weights use --initial-checkpoint or --pretrained-path')
+        try:
+            model.load_state_dict(clean_state_dict(resume_state['state_dict']))
+        except RuntimeError as e:
+            raise ScriptError(f'--resume {args.resume} does not fit {args.model} with these arguments: {e}') from None
+        if not args.no_resume_opt:
+            optimizer.load_state_dict(resume_state['optimizer'])
+            if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
+                loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                                     device='cpu' if args.model_ema_force_cpu else None)
+        if resume_state is not None:
+            if isinstance(resume_state.get('state_dict_ema'), dict):
+                model_ema.module.load_state_dict(clean_state_dict(resume_state['state_dict_ema']))
+            else:
+                _logger.warning(f'{args.resume} has no EMA weights: the EMA restarts from the resumed weights')
+
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+
+    collate_fn = mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if args.prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    train_interpolation = data_config['interpolation'] if args.no_aug or not args.train_interpolation \
+        else args.train_interpolation
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        use_prefetcher=args.prefetcher, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=train_interpolation,
+        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        collate_fn=collate_fn, pin_memory=args.pin_mem, device=device,
+        persistent_workers=False)  # fresh workers each epoch, seeded from the epoch: exact resumes
+    loader_eval = None
+    if dataset_eval is not None:
+        loader_eval = create_eval_loader(dataset_eval, data_config, args.validation_batch_size or args.batch_size,
+                                         args.workers, device, args.distributed, args.prefetcher)
+
+    if mixup_active:
+        train_loss_fn = BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
+    elif args.smoothing:
+        train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing) if args.bce_loss \
+            else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = nn.CrossEntropyLoss()
+    train_loss_fn = train_loss_fn.to(device=device)
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                   updates_per_epoch=updates_per_epoch)
+    start_epoch = 0
+    if resume_state is not None:
+        start_epoch = resume_state['epoch'] + 1
+        if isinstance(resume_state.get('lr_scheduler'), dict) and not args.no_resume_opt:
+            lr_scheduler.load_state_dict(resume_state['lr_scheduler'])
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    if start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    saver = output_dir = None
+    if primary:
+        if args.resume and not args.experiment:
+            output_dir = os.path.dirname(os.path.abspath(args.resume))  # continue in the run's own folder
+        else:
+            name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
+                                                safe_model_name(args.model), str(data_config['input_size'][-1])])
+            output_dir = utils.get_outdir(args.output or './output/train', name)
+        log_file = logging.FileHandler(os.path.join(output_dir, 'log.txt'))
+        log_file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+        logging.getLogger().addHandler(log_file)
+        saver = AtomicCheckpointSaver(
+            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
+            max_history=args.checkpoint_hist, lr_scheduler=lr_scheduler)
+        if resume_state is not None and os.path.dirname(os.path.abspath(args.resume)) == output_dir:
+            saver.load_state_dict(resume_state.get('saver', {}))
+            prune_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        _logger.info(f'Output folder {output_dir}; epochs {start_epoch}..{num_epochs - 1} of {num_epochs}, '
+                     f'{updates_per_epoch} updates each, LR stepped per {"update" if args.sched_on_updates else "epoch"}.')
+    del resume_state
+
+    last_checkpoint = os.path.join(output_dir, 'last.pth.tar') if output_dir else ''
+    if not (last_checkpoint and os.path.exists(last_checkpoint)):
+        last_checkpoint = args.resume
+    run_start = time.time()
+    eval_metrics, best_metric, best_epoch = {}, None, None
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            seed_epoch(args, epoch)
+            if hasattr(dataset_train, 'set_epoch'):
+                dataset_train.set_epoch(epoch)
+            elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            train_metrics, rate, train_time = train_one_epoch(
+                epoch, num_epochs, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler,
+                amp_autocast, loss_scaler, model_ema, mixup_fn, last_checkpoint)
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+            eval_start = time.time()
+            eval_metrics = {}
+            if loader_eval is not None:
+                eval_metrics = evaluate(model, loader_eval, device, amp_autocast, args.channels_last, args.distributed)
+                if model_ema is not None and not args.model_ema_force_cpu:
+                    ema_metrics = evaluate(model_ema.module, loader_eval, device, amp_autocast, args.channels_last,
+                                           args.distributed)
+                    eval_metrics.update({'ema_' + k: v for k, v in ema_metrics.items()})
+            metric = eval_metrics.get(args.eval_metric)
+            if primary:
+                lrs = [g['lr'] for g in optimizer.param_groups]
+                utils.update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
+                                     lr=sum(lrs) / len(lrs))
+                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+                last_checkpoint = os.path.join(output_dir, 'last.pth.tar')
+                done = epoch + 1 - start_epoch
+                eta = (time.time() - run_start) / done * (num_epochs - epoch - 1)
+                shown = '  '.join(f'{k} {v:.4f}' if 'loss' in k else f'{k} {v:.2f}' for k, v in eval_metrics.items())
+                _logger.info(f'Epoch {epoch}/{num_epochs - 1}: train loss {train_metrics["loss"]:.4f}  {shown}  '
+                             f'| {rate:.1f} img/s, {format_time(train_time)} train + '
+                             f'{format_time(time.time() - eval_start)} eval | run ETA {format_time(eta)}')
+            lr_scheduler.step(epoch + 1, metric)
+    except KeyboardInterrupt:
+        if primary:
+            _logger.error(f'Interrupted; continue with --resume {last_checkpoint or "(no checkpoint yet)"}')
+        sys.exit(130)
+
+    if primary:
+        final = '  '.join(f'{k} {v:.4f}' if 'loss' in k else f'{k} {v:.2f}' for k, v in eval_metrics.items())
+        best = f'; best {args.eval_metric} {best_metric:.4f} (epoch {best_epoch})' if best_metric is not None else ''
+        _logger.info(f'Done: {args.model}, {num_epochs - start_epoch} epochs in {format_time(time.time() - run_start)}'
+                     f'; final {final or "(no validation)"}{best}; checkpoints and summary.csv in {output_dir}')
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    run_main(main, _logger)
