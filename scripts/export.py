@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Export an RMT model with torch.export (.pt2) and to ONNX, with dynamic batch, height and width,
+then check both against the eager model at sizes not used for the export.
+
+    python scripts/export.py --model rmt_t --out-dir exported                 # rmt_t.pt2 + rmt_t.onnx
+    python scripts/export.py --model rmt_s --checkpoint RMT-S.pth --out-dir exported
+    python scripts/export.py --model rmt_t --features-only --feature-norm --out-dir exported   # backbone
+    python scripts/export.py --model rmt_t --official-config tests/fixtures/official_small_config.json \\
+        --checkpoint tests/fixtures/official_small_checkpoint.pth --out-dir /tmp/rmt_small  # tiny, fast
+
+Exported programs accept any batch and any height and width from 33 px (see ``rmt.export``). Load
+them with ``torch.export.load('rmt_t.pt2').module()`` or ``onnxruntime.InferenceSession('rmt_t.onnx')``
+(input ``x``: batch x 3 x height x width, float32, normalised like the eager model's input).
+Exits with status 1 when an output differs from eager by more than ``--tol``.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+
+try:
+    import rmt
+except ImportError:  # a source checkout that was not installed
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+    import rmt
+
+import timm
+import torch
+
+from rmt.export import DEFAULT_OPSET, MIN_SIZE, export_onnx, export_program, max_abs_diff
+
+
+def _size(text):
+    try:
+        h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected HxW, e.g. 224x224, got {text!r}') from None
+    if min(h, w) < MIN_SIZE:
+        raise argparse.ArgumentTypeError(f'exported RMT takes sides of at least {MIN_SIZE} px, got {text}')
+    return h, w
+
+
+def build(args):
+    kwargs = {}
+    if args.official_config:
+        with open(args.official_config) as f:
+            kwargs.update(rmt.official_config_to_kwargs(json.load(f)))
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    if args.features_only:
+        kwargs['features_only'] = True
+    if args.feature_norm:
+        kwargs['feature_norm'] = True
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            sys.exit(f'--checkpoint {args.checkpoint}: no such file')
+        overlay = dict(file=args.checkpoint, num_classes=kwargs.get('num_classes', 1000))
+        model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    else:
+        model = timm.create_model(args.model, **kwargs)
+    return model.eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='rmt_t', help='timm model name (rmt_t, rmt_s, rmt_b, rmt_l)')
+    parser.add_argument('--checkpoint', default='', help='weights: a released RMT checkpoint or one of ours')
+    parser.add_argument('--official-config', default='', help="a model config in the released code's names (JSON)")
+    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--features-only', action='store_true', help='export the backbone: stage features')
+    parser.add_argument('--feature-norm', action='store_true', help='per-stage LayerNorm on the features')
+    parser.add_argument('--out-dir', default='.', help='where MODEL.pt2 and MODEL.onnx go')
+    parser.add_argument('--name', default='', help='file name stem (default: the model name)')
+    parser.add_argument('--no-onnx', action='store_true', help='torch.export only')
+    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset (17 or later)')
+    parser.add_argument('--static-batch', action='store_true', help='fix the batch size to --batch')
+    parser.add_argument('--export-size', type=_size, default=(224, 224), metavar='HxW',
+                        help='example input size traced for the export')
+    parser.add_argument('--batch', type=int, default=2, help='example batch size (>= 2 for a dynamic batch)')
+    parser.add_argument('--check-sizes', type=_size, nargs='*', metavar='HxW',
+                        default=[(224, 224), (97, 161), (320, 256)],
+                        help='sizes at which outputs are compared with the eager model')
+    parser.add_argument('--tol', type=float, default=1e-4, help='largest allowed max abs difference')
+    args = parser.parse_args(argv)
+
+    model = build(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, args.name or args.model + ('_features' if args.features_only else ''))
+    torch.manual_seed(0)
+    example = torch.randn(args.batch, 3, *args.export_size)
+
+    start = time.perf_counter()
+    program = export_program(model, example, dynamic_batch=not args.static_batch)
+    torch.export.save(program, stem + '.pt2')
+    print(f'torch.export: {stem}.pt2 ({time.perf_counter() - start:.1f} s), '
+          f'traced at {args.batch}x3x{args.export_size[0]}x{args.export_size[1]}')
+    session = None
+    if not args.no_onnx:
+        import onnxruntime as ort
+
+        start = time.perf_counter()
+        export_onnx(program, stem + '.onnx', opset=args.opset, dynamic_batch=not args.static_batch)
+        session = ort.InferenceSession(stem + '.onnx', providers=['CPUExecutionProvider'])
+        shape = session.get_inputs()[0].shape
+        print(f'ONNX (opset {args.opset}): {stem}.onnx ({time.perf_counter() - start:.1f} s), input x {shape}')
+
+    run = torch.export.load(stem + '.pt2').module()
+    batches = [args.batch] if args.static_batch else [1, 3]
+    print('\n| input | eager output | max abs diff, torch.export | max abs diff, ONNX Runtime |')
+    print('|---|---|---|---|')
+    worst = 0.
+    for i, (h, w) in enumerate(args.check_sizes):
+        b = batches[i % len(batches)]
+        x = torch.randn(b, 3, h, w)
+        with torch.no_grad():
+            eager = model(x)
+            exported = run(x)
+        diffs = [max_abs_diff(exported, eager)]
+        if session is not None:
+            diffs.append(max_abs_diff(session.run(None, {'x': x.numpy()}), eager))
+        worst = max([worst] + diffs)
+        shapes = ', '.join('x'.join(map(str, t.shape)) for t in (eager if isinstance(eager, list) else [eager]))
+        cells = [f'{d:.2e}' for d in diffs] + ([] if session is not None else ['-'])
+        print(f'| {b}x3x{h}x{w} | {shapes} | ' + ' | '.join(cells) + ' |', flush=True)
+    if worst > args.tol:
+        print(f'\nFAILED: largest difference {worst:.2e} exceeds --tol {args.tol:g}')
+        sys.exit(1)
+    print(f'\nall outputs within {args.tol:g} of eager')
+
+
+if __name__ == '__main__':
+    main()
