@@ -30,12 +30,38 @@ from timm.utils import CheckpointSaver
 _logger = logging.getLogger('rmt.scripts')
 
 
+def _allow_posterize_to_zero_bits() -> None:
+    """Keep timm's RandAugment working with Pillow >= 13.
+
+    ``rand-m9-mstd0.5-inc1`` (the paper's policy) asks for 0 bits when the noisy magnitude reaches
+    its maximum, which older Pillow turned into a black image and Pillow 13 rejects with a
+    ``ValueError`` that stops training at random. Restore the old result for ``bits == 0``.
+    """
+    from PIL import Image, ImageOps
+    if getattr(ImageOps.posterize, '_zero_bits_ok', False):
+        return
+    posterize = ImageOps.posterize
+
+    def posterize_any_bits(image, bits):
+        if bits == 0:
+            return Image.new(image.mode, image.size)  # every bit cleared
+        return posterize(image, bits)
+    posterize_any_bits._zero_bits_ok = True
+    ImageOps.posterize = posterize_any_bits
+
+
+_allow_posterize_to_zero_bits()
+
+
 class ScriptError(SystemExit):
     """A problem with the user's inputs or the run: printed as one clear message, exit status 2."""
 
     def __init__(self, message: str):
         super().__init__(2)
         self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def run_main(main, logger: logging.Logger) -> None:

@@ -1,0 +1,174 @@
+"""scripts/train.py end to end on a real image set (scikit-learn's digits), on CPU."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+
+from _rmt_training import (
+    FIXTURES, SCRIPTS, digits_folder, env, make_digits_folder, read_summary, script, session_dir, smoke_args,
+    smoke_run)
+
+sys.path.insert(0, SCRIPTS)
+import _common  # noqa: E402
+import train  # noqa: E402
+
+import rmt  # noqa: E402
+
+
+def load(path):
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)  # resumable files are weights-only
+
+
+def test_training_reaches_high_accuracy_and_writes_timm_summary():
+    rows = read_summary(smoke_run())
+    assert [r['epoch'] for r in rows] == [0, 1, 2, 3]
+    assert set(rows[0]) >= {'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'eval_ema_top1', 'lr'}
+    assert rows[-1]['eval_top1'] > 85.0  # 10 classes: chance is 10 %
+    assert rows[-1]['train_loss'] < rows[0]['train_loss']
+
+
+def test_training_logs_progress_and_a_final_summary_line():
+    with open(os.path.join(smoke_run(), 'log.txt')) as f:
+        log = f.read()
+    assert 'img/s' in log and 'epoch ETA' in log and 'run ETA' in log
+    assert 'Done: rmt_t, 4 epochs in' in log and 'best top1' in log
+
+
+def test_checkpoint_holds_everything_needed_to_resume():
+    state = load(os.path.join(smoke_run(), 'last.pth.tar'))
+    assert state['epoch'] == 3
+    assert {'state_dict', 'state_dict_ema', 'optimizer', 'lr_scheduler', 'args', 'saver'} <= set(state)
+    assert state['optimizer']['state']  # AdamW moments
+    assert state['args'].model_kwargs['embed_dims'] == [16, 24, 32, 48]
+
+
+def test_killed_run_resumes_to_the_same_final_weights_as_an_uninterrupted_one():
+    output = session_dir('killed')
+    run_dir = os.path.join(output, 'killed')
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, 'train.py'), *smoke_args(output, 'killed')],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    try:  # kill it for real early in epoch 2, right after the epoch-1 checkpoint appears
+        deadline = time.time() + 240
+        while not os.path.exists(os.path.join(run_dir, 'checkpoint-1.pth.tar')):
+            assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert load(os.path.join(run_dir, 'last.pth.tar'))['epoch'] < 3  # stopped before the end
+
+    script('train', *smoke_args(output, 'killed'), '--resume', os.path.join(run_dir, 'last.pth.tar'))
+
+    resumed, uninterrupted = load(os.path.join(run_dir, 'last.pth.tar')), load(os.path.join(smoke_run(), 'last.pth.tar'))
+    assert resumed['epoch'] == uninterrupted['epoch'] == 3
+    for part in ('state_dict', 'state_dict_ema'):
+        for k, v in uninterrupted[part].items():
+            assert torch.equal(resumed[part][k], v), f'{part}.{k} differs after the resume'
+    for i, s in uninterrupted['optimizer']['state'].items():
+        assert all(torch.equal(resumed['optimizer']['state'][i][k], s[k]) for k in s)
+    assert [r['epoch'] for r in read_summary(run_dir)] == [0, 1, 2, 3]  # no duplicated or torn rows
+    assert read_summary(run_dir) == read_summary(smoke_run())
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = _common.AtomicCheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=str(tmp_path),
+                                          recovery_dir=str(tmp_path))
+    saver.save_checkpoint(0, metric=1.0)
+    before = load(tmp_path / 'last.pth.tar')
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt  # e.g. the job being killed while writing
+    monkeypatch.setattr(torch, 'save', crash_midway)
+    with torch.no_grad():
+        model.weight.add_(1.)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save_checkpoint(1, metric=2.0)
+
+    after = load(tmp_path / 'last.pth.tar')
+    assert after['epoch'] == 0 and torch.equal(after['state_dict']['weight'], before['state_dict']['weight'])
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    proc = script('train', *smoke_args(str(tmp_path), 'nan'), '--opt', 'sgd', '--lr', '1e30', '--warmup-epochs', '0',
+                  '--epochs', '1', check=False)
+    assert proc.returncode == 2
+    assert 'non-finite loss' in proc.stderr and 'at epoch 0, step' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert not os.path.exists(tmp_path / 'nan' / 'last.pth.tar')  # nothing saved from garbage weights
+
+
+def test_missing_data_dir_fails_at_start_with_a_clear_message(tmp_path):
+    proc = script('train', '--config', os.path.join(os.path.dirname(SCRIPTS), 'configs', 'smoke_digits.yaml'),
+                  '--data-dir', str(tmp_path / 'no-such-folder'), '--output', str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert f'--data-dir {tmp_path / "no-such-folder"} does not exist' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_class_count_mismatch_fails_at_start_with_a_clear_message(tmp_path):
+    proc = script('train', *smoke_args(str(tmp_path), 'mismatch'), '--num-classes', '7', check=False)
+    assert proc.returncode == 2
+    assert 'class-count mismatch' in proc.stderr and 'has 10 classes' in proc.stderr and '7 outputs' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_finetune_from_released_checkpoint_with_a_new_class_count(tmp_path):
+    data = make_digits_folder(str(tmp_path / 'five-digits'), classes=range(5), limit=500)
+    fixture = os.path.join(FIXTURES, 'official_small_checkpoint.pth')
+    kwargs = ['embed_dims=(16,32,48,64)', 'depths=(1,2,2,1)', 'num_heads=(2,2,4,4)',
+              'layer_scales=(False,False,True,True)', 'projection=128']
+    script('train', '--config', os.path.join(os.path.dirname(SCRIPTS), 'configs', 'rmt_s_transfer.yaml'),
+           '--data-dir', data, '--device', 'cpu', '--output', str(tmp_path), '--experiment', 'ft',
+           '--model', 'rmt_t', '--model-kwargs', *kwargs, '--pretrained', '--pretrained-path', fixture,
+           '--num-classes', '5', '--img-size', '40', '--epochs', '1', '--lr', '1e-12', '--warmup-epochs', '0',
+           '--workers', '0', '-b', '50')
+
+    trained = load(tmp_path / 'ft' / 'last.pth.tar')['state_dict']
+    model = timm.create_model('rmt_t', num_classes=10, embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1),
+                              num_heads=(2, 2, 4, 4), layer_scales=(False, False, True, True), projection=128)
+    released = rmt.checkpoint_filter_fn(rmt.load_checkpoint_file(fixture), model)
+    assert trained['head.fc.weight'].shape == (5, 128)  # a new 5-class classifier
+    backbone = [k for k in trained if not k.startswith('head.fc.')]
+    assert backbone and all(torch.allclose(trained[k].float(), released[k].float(), atol=1e-5)
+                            for k in backbone if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
+    assert read_summary(str(tmp_path / 'ft'))[0]['eval_top1'] >= 0  # trained and evaluated at 40 px
+
+
+def test_every_config_is_made_of_train_py_flags():
+    configs = os.path.join(os.path.dirname(SCRIPTS), 'configs')
+    drop_path = {'rmt_t': 0.1, 'rmt_s': 0.15, 'rmt_b': 0.4, 'rmt_l': 0.5}
+    for name in sorted(os.listdir(configs)):
+        args = _common.parse_args_with_config(train.build_parser(), ['--config', os.path.join(configs, name)])
+        if name.endswith('_in1k.yaml'):  # the paper's recipe
+            assert (args.opt, args.lr_base, args.lr_base_size, args.weight_decay, args.epochs, args.warmup_epochs) \
+                == ('adamw', 1e-3, 1024, 0.05, 300, 5)
+            assert (args.aa, args.mixup, args.cutmix, args.smoothing, args.reprob) \
+                == ('rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.1, 0.25)
+            assert args.drop_path == drop_path[args.model]
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    (tmp_path / 'bad.yaml').write_text('batch_sise: 8\n')
+    with pytest.raises(_common.ScriptError, match='batch_sise'):
+        _common.parse_args_with_config(train.build_parser(), ['--config', str(tmp_path / 'bad.yaml')])
+
+
+def test_paper_randaugment_policy_survives_its_maximum_magnitude():
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+    augment = rand_augment_transform('rand-n8-m10-mstd0-inc1', {})  # magnitude 10 asks posterize for 0 bits
+    image = Image.new('RGB', (16, 16), (200, 120, 40))
+    assert all(augment(image).size == (16, 16) for _ in range(40))
