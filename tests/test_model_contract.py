@@ -1,0 +1,246 @@
+"""The timm model contract, as timm's own tests/test_models.py applies it, for all four variants.
+
+Counts and names are checked on the full models (on the meta device). Depth changes no code
+path, so the behaviour checks build each variant with one block per stage ("shallow"): same
+widths, heads, decay settings, layer scale and decomposed/full stages, a fraction of the time.
+"""
+import copy
+import fnmatch
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.models._manipulate import group_parameters
+from timm.models import get_notrace_functions, get_notrace_modules
+
+import rmt  # noqa: F401  (registers the models)
+from rmt.model import MODEL_ARGS
+from conftest import small_kwargs
+
+VARIANTS = ['rmt_t', 'rmt_s', 'rmt_b', 'rmt_l']
+TAGGED = ['rmt_t.in1k', 'rmt_s.in1k', 'rmt_s.in1k_tl', 'rmt_b.in1k', 'rmt_b.in1k_tl', 'rmt_l.in1k', 'rmt_l.in1k_tl']
+REFERENCE_KEYS = json.loads((Path(__file__).parent / 'fixtures' / 'official_state_dict_keys.json').read_text())
+TL_PARAMS = {'rmt_s.in1k_tl': 27_480_240, 'rmt_b.in1k_tl': 54_667_896, 'rmt_l.in1k_tl': 96_105_864}
+
+_models = {}
+
+
+def shallow(name, **kwargs):
+    """The variant with one block per stage."""
+    return timm.create_model(name, depths=(1, 1, 1, 1), **kwargs)
+
+
+def real_model(name):
+    """One randomly initialised shallow eval-mode model per variant, shared by the read-only tests."""
+    if name not in _models:
+        torch.manual_seed(0)
+        _models[name] = shallow(name).eval()
+    return _models[name]
+
+
+def meta_model(name, **kwargs):
+    return timm.create_model(name, device='meta', dtype=torch.float32, **kwargs).eval()
+
+
+def shallow_meta(name, **kwargs):
+    return meta_model(name, depths=(1, 1, 1, 1), **kwargs)
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_parameter_count_equals_released_model(name):
+    model = meta_model(name)
+    assert sum(p.numel() for p in model.parameters()) == REFERENCE_KEYS[name]['params']
+
+
+@pytest.mark.parametrize('name', list(TL_PARAMS))
+def test_token_label_parameter_count_equals_released_code(name):
+    assert sum(p.numel() for p in meta_model(name).parameters()) == TL_PARAMS[name]
+
+
+@pytest.mark.parametrize('name', TAGGED)
+def test_default_cfg_names_real_modules_and_matches_output(name):
+    model = meta_model(name)
+    cfg = model.pretrained_cfg
+    state = model.state_dict()
+    assert cfg['first_conv'] + '.weight' in state
+    classifiers = cfg['classifier'] if isinstance(cfg['classifier'], tuple) else (cfg['classifier'],)
+    assert all(c + '.weight' in state for c in classifiers)
+    assert model.in_chans == cfg['input_size'][0] and model.num_classes == cfg['num_classes'] == 1000
+    assert cfg['mean'] == timm.data.IMAGENET_DEFAULT_MEAN and cfg['std'] == timm.data.IMAGENET_DEFAULT_STD
+    x = torch.randn(1, *cfg['input_size'], device='meta')
+    model = shallow_meta(name)
+    features = model.forward_features(x)
+    assert features.shape == (1, model.num_features, *cfg['pool_size'])
+    assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
+    assert model(x).shape == (1, 1000)
+
+
+@pytest.mark.parametrize('name', TAGGED)
+def test_classifier_removal_gives_pooled_then_unpooled_features(name):
+    model = shallow_meta(name)
+    x = torch.randn(1, 3, 224, 224, device='meta')
+    model.reset_classifier(0)
+    assert model.num_classes == 0 and model(x).shape == (1, model.head_hidden_size)
+    model.reset_classifier(0, '')
+    assert model(x).shape == (1, model.head_hidden_size, 7, 7)
+    assert shallow_meta(name, num_classes=0)(x).shape == (1, model.head_hidden_size)
+    assert shallow_meta(name, num_classes=0, global_pool='')(x).shape == (1, model.head_hidden_size, 7, 7)
+
+
+def test_reset_classifier_keeps_device_dtype_and_pool():
+    model = meta_model('rmt_t').to(torch.float64)
+    assert inspect.signature(model.reset_classifier).parameters['global_pool'].default is None
+    model.reset_classifier(5)
+    assert model.get_classifier().weight.dtype == torch.float64
+    assert model.get_classifier().weight.device.type == 'meta'
+    assert model.head.global_pool.pool_type == 'avg'
+
+
+def test_frozen_model_stays_frozen_after_classifier_reset():
+    model = meta_model('rmt_t').requires_grad_(False)
+    model.reset_classifier(0)
+    model.reset_classifier(0, '')
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_factory_device_places_every_tensor():
+    model = timm.create_model('rmt_t', device='meta', dtype=torch.float32)
+    assert all(t.device.type == 'meta' for t in [*model.parameters(), *model.buffers()])
+
+
+def test_bfloat16_after_a_float32_forward_gives_bfloat16_output():
+    model = shallow_meta('rmt_t')
+    x = torch.randn(1, 3, 224, 224, device='meta')
+    model(x)
+    assert model.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_unknown_constructor_argument_raises_type_error():
+    with pytest.raises(TypeError):
+        timm.create_model('rmt_t', device='meta', not_a_model_arg=1)
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_group_matcher_and_no_weight_decay_match_parameters(name):
+    model = meta_model(name)
+    groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    assert len(set(groups.values())) > 1
+    coarse = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
+    assert len(set(coarse.values())) == 6  # stem, four stages, head
+    names = [n for n, _ in model.named_parameters()]
+    assert all(any(fnmatch.fnmatch(n, p) for n in names) for p in model.no_weight_decay())
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_forward_is_finite_and_unchanged_by_grad_checkpointing(name):
+    model = real_model(name)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        model.set_grad_checkpointing(True)
+        out2 = model(x)
+        model.set_grad_checkpointing(False)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    assert torch.allclose(out, out2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_backward_reaches_every_parameter(name):
+    model = shallow(name, num_classes=42).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    out.mean().backward()
+    assert out.shape == (2, 42)
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+
+def test_backward_with_grad_checkpointing_reaches_every_parameter():
+    model = timm.create_model('rmt_t', **small_kwargs(token_label=True)).train()
+    model.set_grad_checkpointing()
+    model(torch.randn(2, 3, 64, 48)).mean().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_features_only_gives_four_nchw_stages_at_strides_4_to_32(name):
+    model = shallow(name, features_only=True).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == list(MODEL_ARGS[name]['embed_dims'])
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 96, 72))
+    assert [tuple(o.shape) for o in out] == [
+        (1, c, -(-96 // r), -(-72 // r)) for c, r in zip(model.feature_info.channels(), [4, 8, 16, 32])]
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_forward_intermediates_agree_with_forward_features(name):
+    model = real_model(name)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(model.forward_head(final), model(x))
+    assert [f.shape[1] for f in intermediates] == [i['num_chs'] for i in model.feature_info]
+    torch.testing.assert_close(early[0], intermediates[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('index', [0, 1, 2, 3])
+def test_pruned_model_keeps_its_tap_and_trains(index):
+    model = timm.create_model('rmt_t', **small_kwargs(token_label=True)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        kept = copy.deepcopy(model)
+        kept.prune_intermediate_layers([3], prune_head=False)
+        torch.testing.assert_close(kept(x), model(x))
+    pruned = copy.deepcopy(model)
+    take = pruned.prune_intermediate_layers([index])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0], taps[index])
+        torch.testing.assert_close(pruned.forward_features(x), taps[index])
+    pruned.train()
+    (pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0].sum()
+     + pruned.forward_features(x).sum()).backward()
+    assert not [n for n, p in pruned.named_parameters() if p.grad is None]
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_torchscript_matches_eager(name):
+    model = real_model(name)
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def _fx(model, train=False):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                  param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                    eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kwargs)
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_fx_trace_matches_eager(name):
+    model = real_model(name)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        out = model(x)
+        fx_out = list(_fx(model)(x).values())[0]
+    torch.testing.assert_close(fx_out, out, rtol=1e-4, atol=1e-5)
+
+
+def test_fx_trace_trains_and_scripts():
+    model = timm.create_model('rmt_t', **small_kwargs(num_classes=42)).train()
+    traced = _fx(model, train=True)
+    out = list(traced(torch.randn(2, 3, 64, 64)).values())[0]
+    out.mean().backward()
+    assert out.shape == (2, 42) and not [n for n, p in traced.named_parameters() if p.grad is None]
+    scripted = torch.jit.script(_fx(model.eval()))
+    with torch.inference_mode():
+        assert list(scripted(torch.randn(1, 3, 64, 64)).values())[0].shape == (1, 42)
