@@ -440,22 +440,21 @@ def checkpoint_filter_fn(
     state_dict = _unwrap(state_dict, use_ema)
     state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
     if any(k.startswith(('patch_embed.', 'layers.')) for k in state_dict):
-        state_dict = _from_official(state_dict, model)
+        try:
+            state_dict = _from_official(state_dict, model)
+        except ValueError as e:
+            raise ValueError(f'{source}: {e}') from None
 
     expected = model.state_dict()
-    # a new class count: the classifiers are re-initialised
+    # a new class count (or none): the classifiers are not loaded, the model keeps its own
     classifier_keys = [k for k in state_dict if k.startswith(('head.fc.', 'aux_head.'))]
-    if any(k not in expected or expected[k].shape != state_dict[k].shape for k in classifier_keys):
-        if classifier_keys:
-            _logger.info(f'{source}: classifier {classifier_keys} not loaded (model has {model.num_classes} classes)')
+    new_classes = any(k in expected and expected[k].shape != state_dict[k].shape for k in classifier_keys) \
+        or ('head.fc.weight' in state_dict and 'head.fc.weight' not in expected)
+    if new_classes:
+        _logger.info(f'{source}: classifier not loaded (model has {model.num_classes} classes)')
         for k in classifier_keys:
             state_dict.pop(k)
-        for k in expected:
-            if k.startswith(('head.fc.', 'aux_head.')):
-                state_dict[k] = expected[k]
-    # a dense-prediction backbone (feature_norm=True) from a classification checkpoint: the norms start fresh
-    if not any(k.startswith('feature_norms.') for k in state_dict):
-        state_dict.update({k: v for k, v in expected.items() if k.startswith('feature_norms.')})
+        state_dict.update({k: v for k, v in expected.items() if k.startswith(('head.fc.', 'aux_head.'))})
     # another input channel count: adapt the first conv as timm does
     stem_key = 'stem.conv1.weight'
     if stem_key in state_dict and stem_key in expected and state_dict[stem_key].shape[1] != model.in_chans:

@@ -1,0 +1,147 @@
+"""Loading checkpoints: every accepted format, and a clear error for everything else."""
+import argparse
+import os
+import pickle
+import warnings
+
+import pytest
+import timm
+import torch
+
+import rmt
+from rmt import checkpoint_filter_fn, load_checkpoint_file
+
+from conftest import SMALL_CHECKPOINT, SMALL_TL_CHECKPOINT, load_small, small_kwargs
+
+X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def fresh(**overrides):
+    return timm.create_model('rmt_t', **small_kwargs(**overrides)).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(X)
+
+
+def test_released_file_loads_with_weights_only_unpickling():
+    state = load_checkpoint_file(SMALL_CHECKPOINT)
+    assert set(state) >= {'model', 'model_ema', 'args'}
+    assert isinstance(state['args'], argparse.Namespace)
+
+
+def test_bare_released_state_dict_gives_the_same_model(small_model):
+    model = fresh()
+    model.load_state_dict(checkpoint_filter_fn(load_checkpoint_file(SMALL_CHECKPOINT)['model'], model))
+    assert torch.equal(logits(model), logits(small_model))
+
+
+def test_released_position_buffers_are_dropped_after_the_check():
+    model = fresh()
+    state = checkpoint_filter_fn(load_checkpoint_file(SMALL_CHECKPOINT), model)
+    assert not [k for k in state if 'Relpos' in k or 'decay' in k.split('.')[-1]]
+    assert set(state) == set(model.state_dict())
+
+
+def test_model_weights_are_preferred_over_ema_unless_asked(tmp_path):
+    state = load_checkpoint_file(SMALL_CHECKPOINT)
+    state['model_ema'] = {k: v + 1 if k.startswith('patch_embed') else v for k, v in state['model_ema'].items()}
+    model = fresh()
+    plain = checkpoint_filter_fn(state, model)
+    ema = checkpoint_filter_fn(state, model, use_ema=True)
+    assert torch.equal(plain['stem.conv1.weight'], state['model']['patch_embed.proj.0.weight'])
+    assert torch.equal(ema['stem.conv1.weight'], state['model_ema']['patch_embed.proj.0.weight'])
+
+
+def test_own_state_dict_and_safetensors_round_trip(small_model, tmp_path):
+    from safetensors.torch import save_file
+    torch.save(small_model.state_dict(), tmp_path / 'own.pth')
+    save_file(small_model.state_dict(), str(tmp_path / 'own.safetensors'))
+    for name in ('own.pth', 'own.safetensors'):
+        model = timm.create_model('rmt_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / name)),
+                                  **small_kwargs()).eval()
+        assert torch.equal(logits(model), logits(small_model)), name
+
+
+def test_new_class_count_reinitialises_only_the_classifier(small_model):
+    model = timm.create_model('rmt_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(SMALL_CHECKPOINT)),
+                              **small_kwargs(num_classes=37)).eval()
+    assert model.get_classifier().out_features == 37
+    assert torch.equal(model.head.proj.weight, small_model.head.proj.weight)
+    with torch.no_grad():
+        assert torch.equal(model.forward_head(model.forward_features(X), pre_logits=True),
+                           small_model.forward_head(small_model.forward_features(X), pre_logits=True))
+
+
+def test_token_label_checkpoint_in_a_plain_model_warns_and_drops_the_aux_head():
+    with pytest.warns(UserWarning, match='aux_head.weight'):
+        model = load_small(SMALL_TL_CHECKPOINT)
+    assert not model.token_label
+
+
+def test_unknown_extra_tensor_is_named_and_ignored():
+    state = load_checkpoint_file(SMALL_CHECKPOINT)
+    state['model']['dist_head.weight'] = torch.zeros(10, 64)
+    with pytest.warns(UserWarning, match='dist_head.weight'):
+        result = checkpoint_filter_fn(state, fresh())
+    assert 'dist_head.weight' not in result
+
+
+def test_checkpoint_of_another_variant_names_the_disagreeing_keys():
+    with pytest.raises(ValueError) as err:
+        timm.create_model('rmt_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(SMALL_CHECKPOINT)))
+    message = str(err.value)
+    assert 'official_small_checkpoint.pth' in message
+    assert 'stem.conv1.weight' in message or 'layers.0.Relpos' in message
+
+
+def test_position_buffers_of_another_config_are_rejected():
+    with pytest.raises(ValueError, match=r'layers\.0\.Relpos\.decay'):
+        checkpoint_filter_fn(load_checkpoint_file(SMALL_CHECKPOINT), fresh(heads_ranges=(3, 4, 6, 6)))
+
+
+def test_missing_keys_are_listed():
+    state = load_checkpoint_file(SMALL_CHECKPOINT)
+    del state['model']['layers.1.blocks.0.ffn.fc1.weight']
+    with pytest.raises(ValueError, match=r'missing keys \(1\): stages\.1\.blocks\.0\.ffn\.fc1\.weight'):
+        checkpoint_filter_fn(state, fresh())
+
+
+def test_truncated_file_is_named_in_the_error(tmp_path):
+    data = SMALL_CHECKPOINT.read_bytes()
+    bad = tmp_path / 'truncated.pth'
+    bad.write_bytes(data[:len(data) // 2])
+    with pytest.raises(RuntimeError, match='truncated.pth.*truncated or corrupted'):
+        load_checkpoint_file(bad)
+
+
+def test_missing_file_is_named_in_the_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        load_checkpoint_file(tmp_path / 'nowhere.pth')
+
+
+class _Payload:
+    def __reduce__(self):
+        return os.system, ('touch /tmp/rmt_pickle_payload_ran',)
+
+
+def test_loading_never_runs_code_from_the_file(tmp_path):
+    marker = '/tmp/rmt_pickle_payload_ran'
+    if os.path.exists(marker):
+        os.remove(marker)
+    evil = tmp_path / 'evil.pth'
+    torch.save({'model': {}, 'args': _Payload()}, evil)
+    with pytest.raises(RuntimeError, match='refusing to load'):
+        load_checkpoint_file(evil)
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize('shape', [(3, 64, 64), (1, 1, 3, 64, 64), (1, 4, 64, 64)])
+def test_input_that_is_not_an_image_batch_raises_value_error(shape):
+    with pytest.raises(ValueError, match=r'\(B, 3, H, W\), got \[' + ', '.join(map(str, shape))):
+        fresh()(torch.randn(*shape))
+
+
+def test_one_pixel_input_runs():
+    assert fresh()(torch.randn(1, 3, 1, 1)).shape == (1, 10)
