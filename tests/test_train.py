@@ -11,7 +11,7 @@ import timm
 import torch
 
 from _rmt_training import (
-    FIXTURES, SCRIPTS, digits_folder, env, make_digits_folder, read_summary, script, session_dir, smoke_args,
+    FIXTURES, SCRIPTS, SMOKE_CONFIG, digits_folder, env, make_digits_folder, read_summary, script, session_dir, smoke_args,
     smoke_run)
 
 sys.path.insert(0, SCRIPTS)
@@ -111,18 +111,17 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
 
 
 def test_missing_data_dir_fails_at_start_with_a_clear_message(tmp_path):
-    proc = script('train', '--config', os.path.join(os.path.dirname(SCRIPTS), 'configs', 'smoke_digits.yaml'),
-                  '--data-dir', str(tmp_path / 'no-such-folder'), '--output', str(tmp_path), check=False)
-    assert proc.returncode == 2
-    assert f'--data-dir {tmp_path / "no-such-folder"} does not exist' in proc.stderr
-    assert 'Traceback' not in proc.stderr
+    missing = tmp_path / 'no-such-folder'
+    with pytest.raises(_common.ScriptError, match=f'--data-dir {missing} does not exist'):
+        train.main(['--config', SMOKE_CONFIG, '--data-dir', str(missing), '--output', str(tmp_path)])
+    assert not os.listdir(tmp_path)  # failed before creating anything
 
 
 def test_class_count_mismatch_fails_at_start_with_a_clear_message(tmp_path):
-    proc = script('train', *smoke_args(str(tmp_path), 'mismatch'), '--num-classes', '7', check=False)
-    assert proc.returncode == 2
-    assert 'class-count mismatch' in proc.stderr and 'has 10 classes' in proc.stderr and '7 outputs' in proc.stderr
-    assert 'Traceback' not in proc.stderr
+    with pytest.raises(_common.ScriptError, match='class-count mismatch: .* has 10 classes .* but the model has 7 '
+                                                  'outputs; pass --num-classes 10'):
+        train.main(smoke_args(str(tmp_path), 'mismatch', '--num-classes', '7'))
+    assert not os.listdir(tmp_path)
 
 
 def test_finetune_from_released_checkpoint_with_a_new_class_count(tmp_path):
@@ -172,3 +171,14 @@ def test_paper_randaugment_policy_survives_its_maximum_magnitude():
     augment = rand_augment_transform('rand-n8-m10-mstd0-inc1', {})  # magnitude 10 asks posterize for 0 bits
     image = Image.new('RGB', (16, 16), (200, 120, 40))
     assert all(augment(image).size == (16, 16) for _ in range(40))
+
+
+def test_torchrun_trains_with_distributed_data_parallel_on_cpu(tmp_path):
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
+    proc = subprocess.run([*torchrun, os.path.join(SCRIPTS, 'train.py'),
+                           *smoke_args(str(tmp_path), 'ddp', '--epochs', '1', '--warmup-epochs', '0', '-b', '32')],
+                          capture_output=True, text=True, timeout=300, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'process 1 of 2' in proc.stderr and 'process 0 of 2' in proc.stderr
+    rows = read_summary(str(tmp_path / 'ddp'))
+    assert len(rows) == 1 and rows[0]['eval_top1'] > 30.0  # the two processes learned together
