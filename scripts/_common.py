@@ -173,8 +173,9 @@ def build_model(args, num_classes: Optional[int], **extra) -> nn.Module:
     try:
         model = create_model(args.model, pretrained=pretrained, **kwargs)
     except (ValueError, RuntimeError, TypeError) as e:
+        hint = '; give the weights file with --pretrained-path FILE' if pretrained and not pretrained_path else ''
         raise ScriptError(f'cannot create model {args.model} ({"pretrained" if pretrained else "from scratch"}): '
-                          f'{e}') from None
+                          f'{e}{hint}') from None
     if pretrained_path:
         _logger.info(f'Loaded pretrained weights from {pretrained_path}')
     initial = getattr(args, 'initial_checkpoint', None)
