@@ -166,7 +166,7 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: De
                    impl: str) -> torch.Tensor:
     """Attention over all H*W tokens; q, k, v and the result are (B, H, W, n, d)."""
     B, H, W, n, d = q.shape
-    decay, mask_h, mask_w, mask_2d = tables[2], tables[3], tables[4], tables[5]
+    decay, mask_h, mask_w, mask_2d = tables.decay, tables.mask_h, tables.mask_w, tables.mask_2d
     q = q.reshape(B, H * W, n, d).transpose(1, 2)
     k = k.reshape(B, H * W, n, d).transpose(1, 2)
     v = v.reshape(B, H * W, n, d).transpose(1, 2)
@@ -197,7 +197,7 @@ def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tabl
                          impl: str) -> torch.Tensor:
     """Attention along each row, then along each column of the row result; (B, H, W, n, d) in and out."""
     B, H, W, n, d = q.shape
-    mask_h, mask_w = tables[3], tables[4]
+    mask_h, mask_w = tables.mask_h, tables.mask_w
     # rows: batch (B*H), sequence W, as views of the (B, H, W, n, d) layout
     v = _attend(_rows(q), _rows(k), _rows(v), mask_w, scale, impl)
     v = v.transpose(1, 2).reshape(B, H, W, n, d)
@@ -226,10 +226,11 @@ class MaSA(nn.Module):
 
     def forward(self, x: torch.Tensor, impl: str, tables: DecayTables) -> torch.Tensor:
         B, H, W, C = x.shape
-        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
-        lce = self.lce(v.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        sin, cos = tables[0].to(q.dtype), tables[1].to(q.dtype)
-        q, k = theta_shift(q, sin, cos), theta_shift(k, sin, cos)
+        # one copy makes q, k and v contiguous: elementwise ops on the strided thirds are much slower
+        q, k, v = self.qkv(x).view(B, H, W, 3, C).permute(3, 0, 1, 2, 4).contiguous().unbind(0)
+        lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        shape = (B, H, W, self.num_heads, self.head_dim)
+        q, k, v = theta_shift(q.view(shape), tables), theta_shift(k.view(shape), tables), v.view(shape)
         if self.decomposed:
             out = decomposed_attention(q, k, v, tables, self.scale, impl)
         else:

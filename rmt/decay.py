@@ -8,7 +8,7 @@ Numerics follow the released code exactly (float32 throughout, raster index as t
 position), so the tables agree bit for bit with the ones it rebuilds on every forward.
 """
 from collections import OrderedDict
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 from torch import nn
@@ -16,11 +16,20 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 __all__ = ['decay_rates', 'rotary_angles', 'rotary_tables', 'decay_masks_1d', 'manhattan_mask', 'theta_shift',
+           'theta_shift_reference',
            'SpatialDecay', 'DecayTables']
 
-# (sin with the pair rotation's sign folded in, cos, per-head decay (float32), mask_h, mask_w,
-#  mask_2d or an empty tensor)
-DecayTables = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class DecayTables(NamedTuple):
+    """Everything a stage's blocks need from the position of their tokens."""
+    sin: torch.Tensor       # (H, W, 1, d) sin(p * a) with the pair rotation's sign folded in
+    cos: torch.Tensor       # (H, W, 1, d) cos(p * a)
+    rotation: torch.Tensor  # (H, W, 1, d/2) complex exp(i p a) for float32/64 tables, else empty
+    decay: torch.Tensor     # (n,) per-head log decay, float32
+    mask_h: torch.Tensor    # (n, H, H) decay * |i - i'|
+    mask_w: torch.Tensor    # (n, W, W) decay * |j - j'|
+    mask_2d: torch.Tensor   # (n, HW, HW) Manhattan decay, or empty when not needed
 
 
 def decay_rates(num_heads: int, init_value: float, heads_range: float) -> torch.Tensor:
@@ -70,10 +79,29 @@ def manhattan_mask(mask_h: torch.Tensor, mask_w: torch.Tensor) -> torch.Tensor:
     return mask.reshape(n, H * W, H * W)
 
 
-def theta_shift(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotary shift ``x * cos + rot(x) * sin`` of (..., d) features; ``sin`` carries the rotation sign."""
+def theta_shift(x: torch.Tensor, tables: DecayTables) -> torch.Tensor:
+    """Rotary shift ``x * cos + rot(x) * sin`` of (B, H, W, n, d) features.
+
+    For float32/64 this is one complex multiply of the feature pairs by ``exp(i p a)`` (a single
+    pass over memory); otherwise, and where complex numbers cannot go (TorchScript, export), the
+    reference formula with the pair swap.
+    """
+    if not torch.jit.is_scripting() and _use_complex(x, tables.rotation):
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * tables.rotation).flatten(-2)
+    return theta_shift_reference(x, tables.sin.to(x.dtype), tables.cos.to(x.dtype))
+
+
+def theta_shift_reference(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rot(x) * sin`` spelled out; ``sin`` carries the rotation sign."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return x * cos + swapped * sin
+
+
+@torch.jit.unused
+def _use_complex(x: torch.Tensor, rotation: torch.Tensor) -> bool:
+    return rotation.numel() > 0 and x.dtype == rotation.real.dtype and x.stride(-1) == 1 \
+        and not torch.compiler.is_exporting()
 
 
 @register_notrace_module
@@ -100,12 +128,16 @@ class SpatialDecay(nn.Module):
         """Compute the tables from scratch (what the cache stores)."""
         decay = decay_rates(self.num_heads, self.init_value, self.heads_range)
         sin, cos = rotary_tables(rotary_angles(self.head_dim), H, W, device, dtype)
+        if dtype == torch.float32 or dtype == torch.float64:
+            rotation = torch.complex(cos[..., 0::2], sin[..., 1::2])
+        else:
+            rotation = torch.empty(0, device=device, dtype=dtype)
         mask_h, mask_w = decay_masks_1d(decay, H, W, device, dtype)
         if with_2d:
             mask_2d = manhattan_mask(mask_h, mask_w)
         else:
             mask_2d = torch.empty(0, device=device, dtype=dtype)
-        return sin, cos, decay.to(device), mask_h, mask_w, mask_2d
+        return DecayTables(sin, cos, rotation, decay.to(device), mask_h, mask_w, mask_2d)
 
     def forward(self, H: int, W: int, like: torch.Tensor, with_2d: bool) -> DecayTables:
         if torch.jit.is_scripting():

@@ -6,7 +6,7 @@ import torch
 
 import rmt.attention as attention
 from rmt.attention import decomposed_attention, full_attention, select_attn_impl
-from rmt.decay import SpatialDecay, decay_rates, manhattan_mask, rotary_angles, theta_shift
+from rmt.decay import SpatialDecay, decay_rates, manhattan_mask, rotary_angles, theta_shift, theta_shift_reference
 from rmt.model import load_checkpoint_file
 
 from conftest import SMALL_CHECKPOINT
@@ -42,17 +42,33 @@ def test_rotary_angles_repeat_each_frequency_twice():
 
 def test_theta_shift_rotates_consecutive_pairs():
     H, W, d = 3, 4, 8
-    sin, cos, *_ = tables_for(H, W, n=1, d=d)
+    tables = tables_for(H, W, n=1, d=d)
     x = torch.randn(2, H, W, 1, d)
     pos = torch.arange(H * W, dtype=torch.float32).reshape(H, W, 1, 1) * rotary_angles(d)
     rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
-    assert torch.allclose(theta_shift(x, sin, cos), x * pos.cos() + rotated * pos.sin(), atol=1e-6)
+    assert torch.allclose(theta_shift_reference(x, tables.sin, tables.cos), x * pos.cos() + rotated * pos.sin(),
+                          atol=1e-6)
+
+
+def test_complex_theta_shift_matches_reference():
+    tables = tables_for(5, 6, n=2, d=8)
+    x = torch.randn(2, 5, 6, 2, 8)
+    assert tables.rotation.is_complex()
+    assert torch.allclose(theta_shift(x, tables), theta_shift_reference(x, tables.sin, tables.cos), atol=1e-6)
+
+
+def test_theta_shift_without_complex_table_uses_the_reference_formula():
+    decay = SpatialDecay(16, 2, 2, 4)
+    tables = decay.build(3, 4, torch.device('cpu'), torch.bfloat16, False)
+    x = torch.randn(1, 3, 4, 2, 8, dtype=torch.bfloat16)
+    assert tables.rotation.numel() == 0
+    assert torch.equal(theta_shift(x, tables), theta_shift_reference(x, tables.sin, tables.cos))
 
 
 def test_manhattan_mask_is_decay_times_city_block_distance():
     H, W = 3, 5
-    _, _, decay, mask_h, mask_w, _ = tables_for(H, W, with_2d=False)
-    mask = manhattan_mask(mask_h, mask_w)
+    tables = tables_for(H, W, with_2d=False)
+    decay, mask = tables.decay, manhattan_mask(tables.mask_h, tables.mask_w)
     i, j = torch.meshgrid(torch.arange(H), torch.arange(W), indexing='ij')
     ij = torch.stack([i.flatten(), j.flatten()], -1).float()
     distance = (ij[:, None] - ij[None]).abs().sum(-1)
@@ -60,7 +76,7 @@ def test_manhattan_mask_is_decay_times_city_block_distance():
 
 
 def test_decomposed_tables_hold_no_hw_by_hw_mask():
-    assert tables_for(6, 6, with_2d=False)[5].numel() == 0
+    assert tables_for(6, 6, with_2d=False).mask_2d.numel() == 0
 
 
 @pytest.mark.parametrize('impl', ['sdpa', 'blocked', 'flex'])
@@ -97,7 +113,7 @@ def test_decomposed_reference_is_row_then_column_attention():
     B, H, W, n, d = 1, 3, 4, 2, 4
     q, k, v = make_qkv(B, H, W, n, d)
     tables = tables_for(H, W, n=n, d=d, with_2d=False)
-    mask_h, mask_w = tables[3], tables[4]
+    mask_h, mask_w = tables.mask_h, tables.mask_w
     out = decomposed_attention(q, k, v, tables, 1.0, 'reference')
     # explicit loops over one head
     h = 1
@@ -125,8 +141,8 @@ def test_tables_are_built_once_per_size_and_dtype():
     x = torch.empty(1, 6, 5, 16)
     first = decay(6, 5, x, True)
     assert decay(6, 5, x, True) is first
-    assert decay(6, 5, x.double(), True)[0].dtype == torch.float64
-    assert decay(6, 4, x, True)[0].shape[:2] == (6, 4)
+    assert decay(6, 5, x.double(), True).sin.dtype == torch.float64
+    assert decay(6, 4, x, True).sin.shape[:2] == (6, 4)
 
 
 def test_tables_from_inference_mode_are_not_reused_for_training():
@@ -135,7 +151,7 @@ def test_tables_from_inference_mode_are_not_reused_for_training():
     with torch.inference_mode():
         inference_tables = decay(3, 3, x, True)
     train_tables = decay(3, 3, x, True)
-    assert inference_tables[0].is_inference() and not train_tables[0].is_inference()
+    assert inference_tables.sin.is_inference() and not train_tables.sin.is_inference()
 
 
 def test_table_cache_is_bounded():

@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Throughput and memory of RMT and timm peers, measured side by side in one run.
+
+    python scripts/benchmark.py --models rmt_s,swin_tiny_patch4_window7_224,convnext_tiny -b 8 --threads 2
+    python scripts/benchmark.py --models rmt_t,rmt_s --resolutions 224,512,1024,1536 -b 1 --modes infer
+
+Timing rounds interleave the models (round r times every model once) so slow drift of the machine
+hits all of them alike; the table reports medians. Peak memory is measured for each model and mode
+in a fresh subprocess (CUDA: max allocated; CPU: peak RSS, VmHWM, minus the RSS before the first
+forward, and in total). Achieved GFLOP/s are FLOPs counted by ``torch.utils.flop_counter``
+(2 per multiply-add, attention included) over time, also as a fraction of the device's measured
+fp32 matmul peak.
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import timm  # noqa: E402
+import rmt  # noqa: E402,F401  (registers the models)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--models', default='rmt_s,swin_tiny_patch4_window7_224,convnext_tiny')
+    p.add_argument('--modes', default='infer,train', help='comma list of infer, train')
+    p.add_argument('-b', '--batch-size', type=int, default=8)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--resolutions', default=None, help='comma list of square sizes; overrides --img-size')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'],
+                   help='autocast dtype (float32: no autocast)')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile each model')
+    p.add_argument('--grad-checkpointing', action='store_true')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--no-memory', action='store_true', help='skip the per-model memory subprocesses')
+    p.add_argument('--no-flops', action='store_true')
+    p.add_argument('--out', default='benchmarks/results', help='folder for the CSV and JSON')
+    p.add_argument('--name', default=None, help='file stem for the CSV/JSON (default: a timestamp)')
+    p.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build(name: str, args, size: int):
+    try:  # fixed-size peers (Swin, ViT) must be told the size they run at
+        model = timm.create_model(name, img_size=size) if not name.startswith('rmt_') else timm.create_model(name)
+    except TypeError:
+        model = timm.create_model(name)
+    model = model.to(args.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def make_step(model, args, mode: str, x: torch.Tensor):
+    autocast = torch.autocast(args.device.split(':')[0], dtype=getattr(torch, args.dtype)) \
+        if args.dtype != 'float32' else nullcontext()
+    fn = torch.compile(model) if args.compile else model
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                fn(x)
+        return step
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+
+    def step():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(fn(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def sync(device: str):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def rss_kib(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(spec: str, args) -> None:
+    """Run a few steps of one model in this fresh process and print its peak memory as JSON."""
+    name, mode, size = spec.split('|')
+    size = int(size)
+    torch.manual_seed(0)
+    model = build(name, args, size)
+    x = torch.randn(args.batch_size, 3, size, size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    step = make_step(model, args, mode, x)
+    if args.device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(2):
+            step()
+        sync(args.device)
+        peak, total = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_allocated()
+    else:
+        base = rss_kib('VmRSS')
+        for _ in range(2):
+            step()
+        total = rss_kib('VmHWM') * 1024
+        peak = total - base * 1024
+    print(json.dumps(dict(peak=peak, total=total)))
+
+
+def measure_memory(name: str, mode: str, size: int, args) -> Dict[str, float]:
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', f'{name}|{mode}|{size}',
+           '--device', args.device, '--dtype', args.dtype, '-b', str(args.batch_size)]
+    for flag in ('channels_last', 'compile', 'grad_checkpointing'):
+        if getattr(args, flag):
+            cmd.append('--' + flag.replace('_', '-'))
+    if args.threads:
+        cmd += ['--threads', str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f'  memory run of {name} {mode} {size}px failed:\n{out.stderr[-2000:]}', file=sys.stderr)
+        return dict(peak=float('nan'), total=float('nan'))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def count_flops(model, args, mode: str, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(1, 3, size, size, device=args.device)
+    model.eval() if mode == 'infer' else model.train()
+    with FlopCounterMode(display=False) as counter:
+        if mode == 'infer':
+            with torch.no_grad():
+                model(x)
+        else:
+            model(x).sum().backward()
+            model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() * args.batch_size
+
+
+def matmul_peak(device: str, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 GEMM GFLOP/s of this device."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float('inf')
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.memory_child, args)
+        return
+    models = [m.strip() for m in args.models.split(',') if m.strip()]
+    modes = [m.strip() for m in args.modes.split(',') if m.strip()]
+    sizes = [int(s) for s in args.resolutions.split(',')] if args.resolutions else [args.img_size]
+    peak = matmul_peak(args.device)
+    print(f'device {args.device}, threads {torch.get_num_threads()}, dtype {args.dtype}, batch {args.batch_size}, '
+          f'channels_last {args.channels_last}, compile {args.compile}; fp32 matmul peak {peak:.1f} GFLOP/s',
+          flush=True)
+
+    rows: List[Dict] = []
+    for size in sizes:
+        for mode in modes:
+            entries = []
+            for name in models:
+                torch.manual_seed(0)
+                model = build(name, args, size)
+                x = torch.randn(args.batch_size, 3, size, size, device=args.device)
+                if args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                flops = float('nan') if args.no_flops else count_flops(model, args, mode, size)
+                step = make_step(model, args, mode, x)
+                for _ in range(args.warmup):
+                    step()
+                entries.append(dict(name=name, step=step, model=model, flops=flops, times=[]))
+                print(f'  [{size}px {mode}] built and warmed up {name}', flush=True)
+            for r in range(args.rounds):
+                for e in entries:
+                    sync(args.device)
+                    t = time.perf_counter()
+                    e['step']()
+                    sync(args.device)
+                    e['times'].append(time.perf_counter() - t)
+                print(f'  [{size}px {mode}] round {r + 1}/{args.rounds}: ' + ', '.join(
+                    f"{e['name']} {e['times'][-1] * 1000:.0f} ms" for e in entries), flush=True)
+            for e in entries:
+                t = statistics.median(e['times'])
+                mem = dict(peak=float('nan'), total=float('nan')) if args.no_memory else \
+                    measure_memory(e['name'], mode, size, args)
+                rows.append(dict(
+                    model=e['name'], mode=mode, size=size, batch=args.batch_size,
+                    img_per_s=args.batch_size / t, ms_per_img=1000 * t / args.batch_size,
+                    gflops_per_s=e['flops'] / t / 1e9, peak_fraction=e['flops'] / t / 1e9 / peak,
+                    peak_mib=mem['peak'] / 2 ** 20, total_mib=mem['total'] / 2 ** 20,
+                ))
+            del entries
+
+    base = {(r['mode'], r['size']): r for r in rows if r['model'] == models[0]}
+    print('\n| model | mode | size | img/s | ms/img | vs ' + models[0] + ' | GFLOP/s | of peak '
+          '| peak MiB (over model) | peak MiB (process) |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        ref = base[(r['mode'], r['size'])]
+        print(f"| {r['model']} | {r['mode']} | {r['size']} | {r['img_per_s']:.2f} | {r['ms_per_img']:.1f} | "
+              f"{r['img_per_s'] / ref['img_per_s']:.2f}x | {r['gflops_per_s']:.1f} | {100 * r['peak_fraction']:.0f}% | "
+              f"{r['peak_mib']:.0f} | {r['total_mib']:.0f} |")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, args.name or time.strftime('bench_%Y%m%d_%H%M%S'))
+    with open(stem + '.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(stem + '.json', 'w') as f:
+        json.dump(dict(args=vars(args), matmul_peak_gflops=peak, rows=rows), f, indent=1)
+    print(f'\nwrote {stem}.csv and {stem}.json')
+
+
+if __name__ == '__main__':
+    main()
