@@ -225,6 +225,8 @@ class RMT(nn.Module):
             self.token_label = num_classes > 0
             self.aux_head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
                 if self.token_label else nn.Identity()
+        self.head.fc.train(self.training)
+        self.aux_head.train(self.training)
 
     def forward_intermediates(
             self,

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='load FILE (released RMT .pth, ours, .safetensors) as the pretrained weights; '
                         'the classifier is re-initialised when the class count differs')
     g.add_argument('--initial-checkpoint', default='', metavar='FILE', help='start from these weights (exact fit)')
-    g.add_argument('--resume', default='', metavar='FILE', help='resume a run from its checkpoint (last.pth.tar)')
+    g.add_argument('--resume', default='', metavar='FILE',
+                   help='resume a run from its checkpoint (last.pth.tar); it continues in that folder')
     g.add_argument('--no-resume-opt', action='store_true', default=False, help='resume weights but not optimizer')
     g.add_argument('--start-epoch', default=None, type=int, metavar='N', help='override the resumed epoch')
     g.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type')
@@ -183,6 +184,18 @@ def prune_summary(path: str, start_epoch: int) -> None:
     with open(tmp, 'w', newline='') as f:
         csv.writer(f).writerows(kept)
     os.replace(tmp, path)
+
+
+def restore_scheduler(lr_scheduler, saved: dict) -> None:
+    """Restore the scheduler's saved state, unless the schedule's arguments changed (e.g. more --epochs)."""
+    fresh = lr_scheduler.state_dict()
+    changed = sorted(k for k in fresh if k in saved and k not in ('best', 'last_epoch', 'metric')
+                     and fresh[k] != saved[k])
+    if changed:
+        _logger.warning(f'LR schedule arguments changed since the checkpoint ({", ".join(changed)}): '
+                        f'following the new ones')
+    else:
+        lr_scheduler.load_state_dict(saved)
 
 
 def train_one_epoch(epoch, num_epochs, model, loader, optimizer, loss_fn, args, device, lr_scheduler,
@@ -400,7 +413,7 @@ def main(argv=None):
     if resume_state is not None:
         start_epoch = resume_state['epoch'] + 1
         if isinstance(resume_state.get('lr_scheduler'), dict) and not args.no_resume_opt:
-            lr_scheduler.load_state_dict(resume_state['lr_scheduler'])
+            restore_scheduler(lr_scheduler, resume_state['lr_scheduler'])
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
     if start_epoch > 0:
@@ -411,8 +424,8 @@ def main(argv=None):
 
     saver = output_dir = None
     if primary:
-        if args.resume and not args.experiment:
-            output_dir = os.path.dirname(os.path.abspath(args.resume))  # continue in the run's own folder
+        if args.resume:
+            output_dir = os.path.dirname(os.path.abspath(args.resume))  # a resumed run continues in its folder
         else:
             name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
                                                 safe_model_name(args.model), str(data_config['input_size'][-1])])
@@ -424,7 +437,7 @@ def main(argv=None):
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
             max_history=args.checkpoint_hist, lr_scheduler=lr_scheduler)
-        if resume_state is not None and os.path.dirname(os.path.abspath(args.resume)) == output_dir:
+        if resume_state is not None:
             saver.load_state_dict(resume_state.get('saver', {}))
             prune_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
@@ -436,6 +449,9 @@ def main(argv=None):
     last_checkpoint = os.path.join(output_dir, 'last.pth.tar') if output_dir else ''
     if not (last_checkpoint and os.path.exists(last_checkpoint)):
         last_checkpoint = args.resume
+    if start_epoch >= num_epochs and primary:
+        _logger.info(f'Nothing to train: the run already finished epoch {start_epoch - 1} of {num_epochs}; '
+                     f'raise --epochs to continue it.')
     run_start = time.time()
     eval_metrics, best_metric, best_epoch = {}, None, None
     try:
@@ -477,7 +493,7 @@ def main(argv=None):
             _logger.error(f'Interrupted; continue with --resume {last_checkpoint or "(no checkpoint yet)"}')
         sys.exit(130)
 
-    if primary:
+    if primary and start_epoch < num_epochs:
         final = '  '.join(f'{k} {v:.4f}' if 'loss' in k else f'{k} {v:.2f}' for k, v in eval_metrics.items())
         best = f'; best {args.eval_metric} {best_metric:.4f} (epoch {best_epoch})' if best_metric is not None else ''
         _logger.info(f'Done: {args.model}, {num_epochs - start_epoch} epochs in {format_time(time.time() - run_start)}'

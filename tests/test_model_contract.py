@@ -97,6 +97,7 @@ def test_reset_classifier_keeps_device_dtype_and_pool():
     assert model.get_classifier().weight.dtype == torch.float64
     assert model.get_classifier().weight.device.type == 'meta'
     assert model.head.global_pool.pool_type == 'avg'
+    assert not any(m.training for m in model.modules())
 
 
 def test_frozen_model_stays_frozen_after_classifier_reset():
