@@ -102,7 +102,8 @@ def main(argv=None):
         with torch.no_grad():
             expected, got = original(x), converted(x)
         if not torch.equal(expected, got):
-            raise ScriptError(f'verification failed: outputs differ by up to {(expected - got).abs().max().item():.3g}; '
+            diff = (expected - got).abs().max().item()
+            raise ScriptError(f'verification failed: outputs differ by up to {diff:.3g}; '
                               f'{args.output} not written')
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())

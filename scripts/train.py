@@ -21,7 +21,6 @@ the run with a message naming the step.
 import argparse
 import csv
 import logging
-import math
 import os
 import sys
 import time
@@ -443,7 +442,8 @@ def main(argv=None):
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)
         _logger.info(f'Output folder {output_dir}; epochs {start_epoch}..{num_epochs - 1} of {num_epochs}, '
-                     f'{updates_per_epoch} updates each, LR stepped per {"update" if args.sched_on_updates else "epoch"}.')
+                     f'{updates_per_epoch} updates each, LR stepped per '
+                     f'{"update" if args.sched_on_updates else "epoch"}.')
     del resume_state
 
     last_checkpoint = os.path.join(output_dir, 'last.pth.tar') if output_dir else ''

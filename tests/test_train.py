@@ -11,8 +11,7 @@ import timm
 import torch
 
 from _rmt_training import (
-    FIXTURES, SCRIPTS, SMOKE_CONFIG, digits_folder, env, make_digits_folder, read_summary, script, session_dir, smoke_args,
-    smoke_run)
+    FIXTURES, SCRIPTS, SMOKE_CONFIG, env, make_digits_folder, read_summary, script, session_dir, smoke_args, smoke_run)
 
 sys.path.insert(0, SCRIPTS)
 import _common  # noqa: E402
@@ -68,7 +67,8 @@ def test_killed_run_resumes_to_the_same_final_weights_as_an_uninterrupted_one():
 
     script('train', *smoke_args(output, 'killed'), '--resume', os.path.join(run_dir, 'last.pth.tar'))
 
-    resumed, uninterrupted = load(os.path.join(run_dir, 'last.pth.tar')), load(os.path.join(smoke_run(), 'last.pth.tar'))
+    resumed = load(os.path.join(run_dir, 'last.pth.tar'))
+    uninterrupted = load(os.path.join(smoke_run(), 'last.pth.tar'))
     assert resumed['epoch'] == uninterrupted['epoch'] == 3
     for part in ('state_dict', 'state_dict_ema'):
         for k, v in uninterrupted[part].items():
