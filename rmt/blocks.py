@@ -6,6 +6,7 @@ the depthwise convs view the same memory as channels-last NCHW, so no layout cop
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import DropPath, LayerScale
@@ -53,14 +54,24 @@ class Downsample(nn.Module):
 
 
 class DWConv(nn.Module):
-    """Depthwise 3x3 conv (with bias) on channels-last features."""
+    """Depthwise 3x3 conv (with bias) on channels-last features, optionally with its residual.
 
-    def __init__(self, dim: int, kernel_size: int = 3):
+    With ``residual``, ``x + conv(x)`` is one conv whose kernel centre is raised by 1: the same
+    sum, without a separate pass over memory for the add.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.residual = residual
+        identity = torch.zeros(dim, 1, kernel_size, kernel_size)
+        identity[:, :, kernel_size // 2, kernel_size // 2] = 1
+        self.register_buffer('identity', identity, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        weight = self.conv.weight + self.identity if self.residual else self.conv.weight
+        x = F.conv2d(x.permute(0, 3, 1, 2), weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+        return x.permute(0, 2, 3, 1)
 
 
 class FFN(nn.Module):
@@ -70,12 +81,12 @@ class FFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.dwconv = DWConv(hidden_dim)
+        self.dwconv = DWConv(hidden_dim, residual=True)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.fc1(x))
-        x = x + self.dwconv(x)
+        x = self.dwconv(x)  # x + DWConv(x)
         return self.fc2(x)
 
 
@@ -92,7 +103,7 @@ class RMTBlock(nn.Module):
             drop_path: float = 0.,
     ):
         super().__init__()
-        self.cpe = DWConv(dim)
+        self.cpe = DWConv(dim, residual=True)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = MaSA(dim, num_heads, decomposed)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
@@ -103,7 +114,7 @@ class RMTBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, impl: str, tables: DecayTables) -> torch.Tensor:
-        x = x + self.cpe(x)
+        x = self.cpe(x)  # x + DWConv(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), impl, tables)))
         x = x + self.drop_path2(self.ls2(self.ffn(self.norm2(x))))
         return x

@@ -376,6 +376,7 @@ _OFFICIAL_RENAMES = [
     (r'\.final_layer_norm\.', '.norm2.'),
     (r'\.retention\.lepe\.conv\.', '.attn.lce.'),
     (r'\.retention\.out_proj\.', '.attn.proj.'),
+    (r'\.retention\.(q|k|v)_proj\.', r'.attn.\1.'),
     (r'\.pos\.conv\.', '.cpe.conv.'),
     (r'\.gamma_1$', '.ls1.gamma'),
     (r'\.gamma_2$', '.ls2.gamma'),
@@ -389,26 +390,16 @@ _OFFICIAL_RENAMES = [
 def _from_official(state_dict: Dict[str, torch.Tensor], model: RMT) -> Dict[str, torch.Tensor]:
     """Released key names and layouts to this model's; checks and drops the position buffers."""
     out: Dict[str, torch.Tensor] = {}
-    qkv: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         m = re.match(r'^layers\.(\d+)\.Relpos\.(angle|decay)$', key)
         if m:
             _check_position_buffer(key, value, model, int(m.group(1)), m.group(2))
-            continue
-        m = re.match(r'^layers\.(\d+)\.blocks\.(\d+)\.retention\.(q|k|v)_proj\.(weight|bias)$', key)
-        if m:
-            prefix = f'stages.{m.group(1)}.blocks.{m.group(2)}.attn.qkv.{m.group(4)}'
-            qkv.setdefault(prefix, {})[m.group(3)] = value
             continue
         for pattern, repl in _OFFICIAL_RENAMES:
             key = re.sub(pattern, repl, key)
         if key.endswith(('.ls1.gamma', '.ls2.gamma')):
             value = value.reshape(-1)
         out[key] = value
-    for prefix, parts in qkv.items():
-        if set(parts) != {'q', 'k', 'v'}:
-            raise ValueError(f'checkpoint has only the {sorted(parts)} projections for {prefix}')
-        out[prefix] = torch.cat([parts['q'], parts['k'], parts['v']], dim=0)
     return out
 
 
