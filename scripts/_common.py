@@ -189,8 +189,15 @@ def build_model(args, num_classes: Optional[int], **extra) -> nn.Module:
 
 # --- data --------------------------------------------------------------------------------------------
 
-def open_dataset(args, split: str, is_training: bool, class_map: str = ''):
-    """``timm.data.create_dataset`` with a clear message for a missing or empty data folder."""
+_SPLIT_SYNONYMS = (('train', 'training'), ('validation', 'val', 'valid', 'eval', 'evaluation'))
+
+
+def open_dataset(args, split: str, is_training: bool, class_map: str = '', require_split: bool = True):
+    """``timm.data.create_dataset`` with a clear message for a missing or empty data folder.
+
+    For an image folder, ``require_split`` insists on a ``DIR/<split>`` folder (or a synonym such as
+    ``val``) rather than silently reading all of ``DIR``, which would mix the splits.
+    """
     folder_dataset = not args.dataset or args.dataset.lower() in ('folder', 'imagefolder', 'image_folder')
     if not args.data_dir:
         if folder_dataset:
@@ -198,6 +205,11 @@ def open_dataset(args, split: str, is_training: bool, class_map: str = ''):
                               'sub-folders of class folders of images')
     elif folder_dataset and not os.path.exists(args.data_dir):
         raise ScriptError(f'--data-dir {args.data_dir} does not exist')
+    elif folder_dataset and require_split and os.path.isdir(args.data_dir):
+        names = next((s for s in _SPLIT_SYNONYMS if split in s), (split,))
+        if not any(os.path.isdir(os.path.join(args.data_dir, n)) for n in names):
+            raise ScriptError(f'--data-dir {args.data_dir} has no "{split}" split: expected a sub-folder named '
+                              f'{" or ".join(names)}')
     try:
         return create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=class_map,

@@ -83,7 +83,7 @@ def main(argv=None):
         raise ScriptError(f'--use-ema: {args.checkpoint} has no EMA weights')
     del state
 
-    dataset = open_dataset(args, args.split, False, args.class_map)
+    dataset = open_dataset(args, args.split, False, args.class_map, require_split=False)  # DIR may be the split
     model = build_model(args, args.num_classes)
     if args.checkpoint:
         load_weights(model, args.checkpoint, use_ema=args.use_ema)

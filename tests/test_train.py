@@ -11,7 +11,7 @@ import timm
 import torch
 
 from _rmt_training import (
-    FIXTURES, SCRIPTS, SMOKE_CONFIG, env, make_digits_folder, read_summary, script, session_dir, smoke_args, smoke_run)
+    FIXTURES, SCRIPTS, SMOKE_CONFIG, digits_folder, env, make_digits_folder, read_summary, script, session_dir, smoke_args, smoke_run)
 
 sys.path.insert(0, SCRIPTS)
 import _common  # noqa: E402
@@ -115,6 +115,12 @@ def test_missing_data_dir_fails_at_start_with_a_clear_message(tmp_path):
     with pytest.raises(_common.ScriptError, match=f'--data-dir {missing} does not exist'):
         train.main(['--config', SMOKE_CONFIG, '--data-dir', str(missing), '--output', str(tmp_path)])
     assert not os.listdir(tmp_path)  # failed before creating anything
+
+
+def test_data_dir_without_split_folders_fails_at_start_instead_of_mixing_splits(tmp_path):
+    class_folders_only = os.path.join(digits_folder(), 'train')  # digit0/ ... digit9/, no train/ or val/
+    with pytest.raises(_common.ScriptError, match='has no "train" split: expected a sub-folder named train'):
+        train.main(['--config', SMOKE_CONFIG, '--data-dir', class_folders_only, '--output', str(tmp_path)])
 
 
 def test_class_count_mismatch_fails_at_start_with_a_clear_message(tmp_path):
