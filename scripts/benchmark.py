@@ -34,8 +34,8 @@ def parse_args(argv=None):
     p.add_argument('--models', default='rmt_s,swin_tiny_patch4_window7_224,convnext_tiny')
     p.add_argument('--modes', default='infer,train', help='comma list of infer, train')
     p.add_argument('-b', '--batch-size', type=int, default=8)
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--resolutions', default=None, help='comma list of square sizes; overrides --img-size')
+    p.add_argument('--img-size', default='224', help='N for N x N, or HxW')
+    p.add_argument('--resolutions', default=None, help='comma list of sizes (N or HxW); overrides --img-size')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'],
                    help='autocast dtype (float32: no autocast)')
@@ -53,7 +53,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(name: str, args, size: int):
+def parse_size(text: str):
+    h, _, w = str(text).partition('x')
+    return int(h), int(w or h)
+
+
+def size_name(size) -> str:
+    return str(size[0]) if size[0] == size[1] else f'{size[0]}x{size[1]}'
+
+
+def build(name: str, args, size):
     try:  # fixed-size peers (Swin, ViT) must be told the size they run at
         model = timm.create_model(name, img_size=size) if not name.startswith('rmt_') else timm.create_model(name)
     except TypeError:
@@ -106,10 +115,10 @@ def rss_kib(field: str) -> int:
 def memory_child(spec: str, args) -> None:
     """Run a few steps of one model in this fresh process and print its peak memory as JSON."""
     name, mode, size = spec.split('|')
-    size = int(size)
+    size = parse_size(size)
     torch.manual_seed(0)
     model = build(name, args, size)
-    x = torch.randn(args.batch_size, 3, size, size, device=args.device)
+    x = torch.randn(args.batch_size, 3, *size, device=args.device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     step = make_step(model, args, mode, x)
@@ -129,8 +138,8 @@ def memory_child(spec: str, args) -> None:
     print(json.dumps(dict(peak=peak, total=total)))
 
 
-def measure_memory(name: str, mode: str, size: int, args) -> Dict[str, float]:
-    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', f'{name}|{mode}|{size}',
+def measure_memory(name: str, mode: str, size, args) -> Dict[str, float]:
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', f'{name}|{mode}|{size_name(size)}',
            '--device', args.device, '--dtype', args.dtype, '-b', str(args.batch_size)]
     for flag in ('channels_last', 'compile', 'grad_checkpointing'):
         if getattr(args, flag):
@@ -144,9 +153,9 @@ def measure_memory(name: str, mode: str, size: int, args) -> Dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def count_flops(model, args, mode: str, size: int) -> float:
+def count_flops(model, args, mode: str, size) -> float:
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(1, 3, size, size, device=args.device)
+    x = torch.randn(1, 3, *size, device=args.device)
     model.eval() if mode == 'infer' else model.train()
     with FlopCounterMode(display=False) as counter:
         if mode == 'infer':
@@ -181,7 +190,7 @@ def main(argv=None) -> None:
         return
     models = [m.strip() for m in args.models.split(',') if m.strip()]
     modes = [m.strip() for m in args.modes.split(',') if m.strip()]
-    sizes = [int(s) for s in args.resolutions.split(',')] if args.resolutions else [args.img_size]
+    sizes = [parse_size(s) for s in (args.resolutions or args.img_size).split(',')]
     peak = matmul_peak(args.device)
     print(f'device {args.device}, threads {torch.get_num_threads()}, dtype {args.dtype}, batch {args.batch_size}, '
           f'channels_last {args.channels_last}, compile {args.compile}; fp32 matmul peak {peak:.1f} GFLOP/s',
@@ -194,7 +203,7 @@ def main(argv=None) -> None:
             for name in models:
                 torch.manual_seed(0)
                 model = build(name, args, size)
-                x = torch.randn(args.batch_size, 3, size, size, device=args.device)
+                x = torch.randn(args.batch_size, 3, *size, device=args.device)
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 flops = float('nan') if args.no_flops else count_flops(model, args, mode, size)
@@ -202,7 +211,7 @@ def main(argv=None) -> None:
                 for _ in range(args.warmup):
                     step()
                 entries.append(dict(name=name, step=step, model=model, flops=flops, times=[]))
-                print(f'  [{size}px {mode}] built and warmed up {name}', flush=True)
+                print(f'  [{size_name(size)} {mode}] built and warmed up {name}', flush=True)
             for r in range(args.rounds):
                 for e in entries:
                     sync(args.device)
@@ -210,14 +219,14 @@ def main(argv=None) -> None:
                     e['step']()
                     sync(args.device)
                     e['times'].append(time.perf_counter() - t)
-                print(f'  [{size}px {mode}] round {r + 1}/{args.rounds}: ' + ', '.join(
+                print(f'  [{size_name(size)} {mode}] round {r + 1}/{args.rounds}: ' + ', '.join(
                     f"{e['name']} {e['times'][-1] * 1000:.0f} ms" for e in entries), flush=True)
             for e in entries:
                 t = statistics.median(e['times'])
                 mem = dict(peak=float('nan'), total=float('nan')) if args.no_memory else \
                     measure_memory(e['name'], mode, size, args)
                 rows.append(dict(
-                    model=e['name'], mode=mode, size=size, batch=args.batch_size,
+                    model=e['name'], mode=mode, size=size_name(size), batch=args.batch_size,
                     img_per_s=args.batch_size / t, ms_per_img=1000 * t / args.batch_size,
                     gflops_per_s=e['flops'] / t / 1e9, peak_fraction=e['flops'] / t / 1e9 / peak,
                     peak_mib=mem['peak'] / 2 ** 20, total_mib=mem['total'] / 2 ** 20,
