@@ -448,6 +448,9 @@ def checkpoint_filter_fn(
         for k in classifier_keys:
             state_dict.pop(k)
         state_dict.update({k: v for k, v in expected.items() if k.startswith(('head.fc.', 'aux_head.'))})
+    # a dense-prediction backbone (feature_norm=True) from a classification checkpoint: the norms start fresh
+    if not any(k.startswith('feature_norms.') for k in state_dict):
+        state_dict.update({k: v for k, v in expected.items() if k.startswith('feature_norms.')})
     # another input channel count: adapt the first conv as timm does
     stem_key = 'stem.conv1.weight'
     if stem_key in state_dict and stem_key in expected and state_dict[stem_key].shape[1] != model.in_chans:
