@@ -136,16 +136,30 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
 
 def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
              scale: float) -> torch.Tensor:
-    """Full attention in blocks of image rows; each block builds only its (n, rows*W, HW) decay slice."""
+    """Full attention in blocks of image rows; each block builds only its (n, rows*W, HW) decay slice.
+
+    Without autograd one slice buffer and one output are reused for every block: allocating a fresh
+    slice per block between the small outputs fragments the heap and grows the process by a slice
+    per block.
+    """
     n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
-    rows = max(1, _block_budget() // max(1, n * W * H * W * q.element_size()))
-    outs = []
+    N, L, d = q.shape[0], H * W, q.shape[-1]
+    rows = max(1, _block_budget() // max(1, n * W * L * mask_h.element_size()))
+    if torch.is_grad_enabled():  # autograd keeps every slice for the backward pass anyway
+        outs = []
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            bias = (mask_h[:, r0:r1, None, :, None] + mask_w[:, None, :, None, :]).reshape(n, (r1 - r0) * W, L)
+            outs.append(_sdpa(q[:, :, r0 * W:r1 * W], k, v, bias, scale))
+        return torch.cat(outs, dim=2)
+    buffer = torch.empty(n * min(rows, H) * W * L, device=q.device, dtype=mask_h.dtype)
+    out = torch.empty(N, L, n, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
-        bias = mask_h[:, r0:r1, None, :, None] + mask_w[:, None, :, None, :]
-        bias = bias.reshape(n, (r1 - r0) * W, H * W)
-        outs.append(_sdpa(q[:, :, r0 * W:r1 * W], k, v, bias, scale))
-    return torch.cat(outs, dim=2)
+        bias = buffer[:n * (r1 - r0) * W * L].view(n, r1 - r0, W, H, W)
+        torch.add(mask_h[:, r0:r1, None, :, None], mask_w[:, None, :, None, :], out=bias)
+        out[:, :, r0 * W:r1 * W] = _sdpa(q[:, :, r0 * W:r1 * W], k, v, bias.view(n, (r1 - r0) * W, L), scale)
+    return out
 
 
 @torch.jit.unused
