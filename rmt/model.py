@@ -358,9 +358,10 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
 
 def _unwrap(state: Dict[str, Any], use_ema: bool) -> Dict[str, torch.Tensor]:
-    if use_ema and isinstance(state.get('model_ema'), dict):
-        return state['model_ema']
-    for key in ('model', 'state_dict', 'model_ema'):
+    """The state dict inside a training checkpoint: released (`model`, `model_ema`) or timm's."""
+    keys = ('model_ema', 'state_dict_ema', 'model', 'state_dict') if use_ema else \
+        ('model', 'state_dict', 'model_ema', 'state_dict_ema')
+    for key in keys:
         if isinstance(state.get(key), dict):
             return state[key]
     return state

@@ -7,9 +7,9 @@
 Timing rounds interleave the models (round r times every model once) so slow drift of the machine
 hits all of them alike; the table reports medians. Peak memory is measured for each model and mode
 in a fresh subprocess (CUDA: max allocated; CPU: peak RSS, VmHWM, minus the RSS before the first
-forward, and in total). Achieved GFLOP/s are FLOPs counted by ``torch.utils.flop_counter``
-(2 per multiply-add, attention included) over time, also as a fraction of the device's measured
-fp32 matmul peak.
+forward, and in total). Achieved GFLOP/s are forward FLOPs counted by ``torch.utils.flop_counter``
+(2 per multiply-add, attention included; a training step counts 3x forward) over time, also as a
+fraction of the device's measured fp32 matmul peak.
 """
 import argparse
 import csv
@@ -125,13 +125,13 @@ def memory_child(spec: str, args) -> None:
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(2):
+        for _ in range(2 if mode == 'train' else 1):
             step()
         sync(args.device)
         peak, total = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_allocated()
     else:
         base = rss_kib('VmRSS')
-        for _ in range(2):
+        for _ in range(2 if mode == 'train' else 1):  # a training step's second pass has the optimizer state
             step()
         total = rss_kib('VmHWM') * 1024
         peak = total - base * 1024
@@ -154,17 +154,16 @@ def measure_memory(name: str, mode: str, size, args) -> Dict[str, float]:
 
 
 def count_flops(model, args, mode: str, size) -> float:
+    """Forward FLOPs of one batch; a training step counts as 3x (forward, and backward at twice that).
+
+    (torch's counter overstates depthwise-conv backward, so the backward is not counted directly.)
+    """
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(1, 3, *size, device=args.device)
-    model.eval() if mode == 'infer' else model.train()
-    with FlopCounterMode(display=False) as counter:
-        if mode == 'infer':
-            with torch.no_grad():
-                model(x)
-        else:
-            model(x).sum().backward()
-            model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() * args.batch_size
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() * args.batch_size * (3 if mode == 'train' else 1)
 
 
 def matmul_peak(device: str, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
