@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import register_notrace_function, register_notrace_module
+from timm.models._manipulate import checkpoint
 
 from .decay import DecayTables, theta_shift
 
@@ -134,23 +135,35 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return _sdpa(q, k, v, bias, scale)
 
 
+def _row_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
+               r0: int, r1: int, scale: float) -> torch.Tensor:
+    """Attention of the queries in image rows r0..r1 over all tokens, with their slice of the decay."""
+    n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
+    bias = (mask_h[:, r0:r1, None, :, None] + mask_w[:, None, :, None, :]).reshape(n, (r1 - r0) * W, H * W)
+    return _sdpa(q, k, v, bias, scale)
+
+
 def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
              scale: float) -> torch.Tensor:
     """Full attention in blocks of image rows; each block builds only its (n, rows*W, HW) decay slice.
 
-    Without autograd one slice buffer and one output are reused for every block: allocating a fresh
-    slice per block between the small outputs fragments the heap and grows the process by a slice
-    per block.
+    With autograd each block is checkpointed, so the backward pass rebuilds its slice instead of
+    keeping all of them (together the whole HW x HW mask). Without autograd one slice buffer and one
+    output are reused for every block: a fresh slice per block between the small outputs fragments
+    the heap and grows the process by a slice per block.
     """
     n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
     N, L, d = q.shape[0], H * W, q.shape[-1]
     rows = max(1, _block_budget() // max(1, n * W * L * mask_h.element_size()))
-    if torch.is_grad_enabled():  # autograd keeps every slice for the backward pass anyway
+    if torch.is_grad_enabled():
         outs = []
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
-            bias = (mask_h[:, r0:r1, None, :, None] + mask_w[:, None, :, None, :]).reshape(n, (r1 - r0) * W, L)
-            outs.append(_sdpa(q[:, :, r0 * W:r1 * W], k, v, bias, scale))
+            q_rows = q[:, :, r0 * W:r1 * W]
+            if torch.jit.is_scripting():
+                outs.append(_row_block(q_rows, k, v, mask_h, mask_w, r0, r1, scale))
+            else:
+                outs.append(checkpoint(_row_block, q_rows, k, v, mask_h, mask_w, r0, r1, scale))
         return torch.cat(outs, dim=2)
     buffer = torch.empty(n * min(rows, H) * W * L, device=q.device, dtype=mask_h.dtype)
     out = torch.empty(N, L, n, d, device=q.device, dtype=q.dtype).transpose(1, 2)
