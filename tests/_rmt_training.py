@@ -12,6 +12,9 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, 'scripts')
 FIXTURES = os.path.join(REPO, 'tests', 'fixtures')
@@ -100,3 +103,12 @@ if __name__ == '__main__':
     target = sys.argv[1] if len(sys.argv) > 1 else 'digits'
     make_digits_folder(target)
     print(f'wrote {target}/train and {target}/validation')
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one thread like the scripts' subprocesses: fast on a small shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors import safe_open
 
-from _rmt_training import FIXTURES, SCRIPTS, script
+from _rmt_training import FIXTURES, SCRIPTS, one_thread, script  # noqa: F401  (one_thread: autouse)
 
 sys.path.insert(0, SCRIPTS)
 import convert_checkpoint  # noqa: E402
@@ -16,13 +16,6 @@ import convert_checkpoint  # noqa: E402
 import rmt  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread like the scripts' subprocesses: fast on a small shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CONFIG = os.path.join(FIXTURES, 'official_small_config.json')
 RELEASED = os.path.join(FIXTURES, 'official_small_checkpoint.pth')

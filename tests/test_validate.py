@@ -6,19 +6,13 @@ import sys
 import pytest
 import torch
 
-from _rmt_training import FIXTURES, SCRIPTS, digits_folder, read_summary, script, smoke_run
+from _rmt_training import (FIXTURES, SCRIPTS, digits_folder, one_thread, read_summary,  # noqa: F401
+                           script, smoke_run)  # one_thread: autouse fixture
 
 sys.path.insert(0, SCRIPTS)
 import validate  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread like the scripts' subprocesses: fast on a small shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_validate_on_saved_checkpoint_agrees_with_the_training_log():
