@@ -6,4 +6,6 @@ from .attention import ATTN_IMPLS, MaSA, set_attn_budget
 from .decay import SpatialDecay
 from .model import RMT, checkpoint_filter_fn, load_checkpoint_file, official_config_to_kwargs
 
+__all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'SpatialDecay', 'checkpoint_filter_fn', 'load_checkpoint_file',
+           'official_config_to_kwargs', 'set_attn_budget']
 __version__ = '0.1.0'

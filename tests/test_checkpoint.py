@@ -1,8 +1,6 @@
 """Loading checkpoints: every accepted format, and a clear error for everything else."""
 import argparse
 import os
-import pickle
-import warnings
 
 import pytest
 import timm

@@ -3,7 +3,6 @@ import json
 import os
 import sys
 
-import pytest
 import timm
 import torch
 from safetensors import safe_open

@@ -3,8 +3,6 @@ import json
 import os
 import sys
 
-import pytest
-import torch
 
 from _rmt_training import (FIXTURES, SCRIPTS, digits_folder, one_thread, read_summary,  # noqa: F401
                            script, smoke_run)  # one_thread: autouse fixture
