@@ -482,6 +482,10 @@ def checkpoint_filter_fn(
 
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if pretrained and not any(overlay.get(k) for k in ('file', 'state_dict', 'url', 'hf_hub_id')):
+        raise RuntimeError(
+            f'{variant}: the released RMT weights are not hosted; pass the downloaded file, e.g. '
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth'))")
     if overlay.get('file') and 'custom_load' not in overlay:
         overlay['custom_load'] = True  # our loader: prefers `model` over `model_ema`, maps released names
     tag = kwargs.get('pretrained_cfg')

@@ -106,6 +106,11 @@ def test_missing_keys_are_listed():
         checkpoint_filter_fn(state, fresh())
 
 
+def test_pretrained_without_a_file_says_how_to_pass_one():
+    with pytest.raises(RuntimeError, match='pretrained_cfg_overlay=dict\\(file='):
+        timm.create_model('rmt_t', pretrained=True)
+
+
 def test_truncated_file_is_named_in_the_error(tmp_path):
     data = SMALL_CHECKPOINT.read_bytes()
     bad = tmp_path / 'truncated.pth'
