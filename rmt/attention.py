@@ -76,6 +76,10 @@ def _compiled_flex_attention():
     return torch.compile(_flex_attention(), dynamic=False)
 
 
+def _mask_fits(num_heads: int, tokens: int, x: torch.Tensor) -> bool:
+    return num_heads * tokens * tokens * x.element_size() <= _mask_budget()
+
+
 @torch.jit.unused
 def _auto_full_impl(num_heads: int, height: int, width: int, x: torch.Tensor) -> str:
     if torch.compiler.is_exporting():
@@ -83,9 +87,7 @@ def _auto_full_impl(num_heads: int, height: int, width: int, x: torch.Tensor) ->
     tokens = height * width
     if x.device.type == 'cuda' and tokens >= _FLEX_MIN_TOKENS and _flex_attention() is not None:
         return 'flex'
-    if num_heads * tokens * tokens * x.element_size() > _mask_budget():
-        return 'blocked'
-    return 'sdpa'
+    return 'sdpa' if _mask_fits(num_heads, tokens, x) else 'blocked'
 
 
 @register_notrace_function
@@ -102,10 +104,7 @@ def select_attn_impl(requested: str, decomposed: bool, num_heads: int, x: torch.
     if requested != 'auto':
         return requested
     if torch.jit.is_scripting():
-        tokens = x.shape[1] * x.shape[2]
-        if num_heads * tokens * tokens * x.element_size() > _mask_budget():
-            return 'blocked'
-        return 'sdpa'
+        return 'sdpa' if _mask_fits(num_heads, x.shape[1] * x.shape[2], x) else 'blocked'
     return _auto_full_impl(num_heads, x.shape[1], x.shape[2], x)
 
 
