@@ -135,42 +135,41 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
 
 
 def _row_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
-               r0: int, r1: int, scale: float) -> torch.Tensor:
-    """Attention of the queries in image rows r0..r1 over all tokens, with their slice of the decay."""
+               r0: int, r1: int, scale: float, buffer: torch.Tensor) -> torch.Tensor:
+    """Attention of the queries in image rows r0..r1 over all tokens; their decay slice is built in ``buffer``."""
     n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
-    bias = (mask_h[:, r0:r1, None, :, None] + mask_w[:, None, :, None, :]).reshape(n, (r1 - r0) * W, H * W)
-    return _sdpa(q, k, v, bias, scale)
+    bias = buffer[:n * (r1 - r0) * W * H * W].view(n, r1 - r0, W, H, W)
+    torch.add(mask_h[:, r0:r1, None, :, None], mask_w[:, None, :, None, :], out=bias)
+    return _sdpa(q, k, v, bias.view(n, (r1 - r0) * W, H * W), scale)
 
 
 def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
              scale: float) -> torch.Tensor:
     """Full attention in blocks of image rows; each block builds only its (n, rows*W, HW) decay slice.
 
-    With autograd each block is checkpointed, so the backward pass rebuilds its slice instead of
-    keeping all of them (together the whole HW x HW mask). Without autograd one slice buffer and one
-    output are reused for every block: a fresh slice per block between the small outputs fragments
-    the heap and grows the process by a slice per block.
+    Every block builds its slice in one reused buffer: a fresh slice per block, between the small
+    outputs, fragments the heap and grows the process by about a slice per block. With autograd each
+    block is checkpointed, so nothing keeps a slice: the backward pass rebuilds it, one block at a time.
     """
     n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
     N, L, d = q.shape[0], H * W, q.shape[-1]
-    rows = max(1, _block_budget() // max(1, n * W * L * mask_h.element_size()))
+    rows = min(H, max(1, _block_budget() // max(1, n * W * L * mask_h.element_size())))
+    buffer = torch.empty(n * rows * W * L, device=q.device, dtype=mask_h.dtype)
     if torch.is_grad_enabled():
         outs = []
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             q_rows = q[:, :, r0 * W:r1 * W]
-            if torch.jit.is_scripting():
-                outs.append(_row_block(q_rows, k, v, mask_h, mask_w, r0, r1, scale))
-            else:
-                outs.append(checkpoint(_row_block, q_rows, k, v, mask_h, mask_w, r0, r1, scale))
+            if torch.jit.is_scripting():  # no checkpoint: every block keeps its own slice
+                outs.append(_row_block(q_rows, k, v, mask_h, mask_w, r0, r1, scale, torch.empty_like(buffer)))
+            else:  # the buffer is bound, not an input: checkpoint must not track its in-place rewrites
+                row_block = functools.partial(_row_block, buffer=buffer)
+                outs.append(checkpoint(row_block, q_rows, k, v, mask_h, mask_w, r0, r1, scale))
         return torch.cat(outs, dim=2)
-    buffer = torch.empty(n * min(rows, H) * W * L, device=q.device, dtype=mask_h.dtype)
     out = torch.empty(N, L, n, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
-        bias = buffer[:n * (r1 - r0) * W * L].view(n, r1 - r0, W, H, W)
-        torch.add(mask_h[:, r0:r1, None, :, None], mask_w[:, None, :, None, :], out=bias)
-        out[:, :, r0 * W:r1 * W] = _sdpa(q[:, :, r0 * W:r1 * W], k, v, bias.view(n, (r1 - r0) * W, L), scale)
+        out[:, :, r0 * W:r1 * W] = _row_block(q[:, :, r0 * W:r1 * W], k, v, mask_h, mask_w, r0, r1, scale, buffer)
     return out
 
 
