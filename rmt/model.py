@@ -17,7 +17,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import adapt_input_conv
+from timm.models._manipulate import adapt_input_conv, checkpoint
 
 from .attention import ATTN_IMPLS
 from .blocks import RMTStage, Stem
@@ -43,6 +43,29 @@ def check_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise ``ValueError`` unless ``x`` is an image batch (B, in_chans, H, W)."""
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError('RMT expects input of shape (B, {}, H, W), got {}'.format(in_chans, list(x.shape)))
+
+
+@contextmanager
+def _frozen_batchnorm_stats(module: nn.Module):
+    """BatchNorm layers in ``module`` normalise as usual but leave their running stats alone.
+
+    For the recomputation in gradient checkpointing: the forward pass already updated them once.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _checkpointed_stem(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return checkpoint(stem, x, context_fn=lambda: (nullcontext(), _frozen_batchnorm_stats(stem)))
 
 
 class RMTHead(nn.Module):
@@ -252,7 +275,7 @@ class RMT(nn.Module):
         check_input(x, self.in_chans)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x).permute(0, 2, 3, 1)
+        x = self.forward_stem(x)
         if torch.jit.is_scripting() or not stop_early:
             stages = self.stages
         else:
@@ -290,10 +313,19 @@ class RMT(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv stem, to channels-last (B, H/4, W/4, C). Checkpointed with the blocks: at detection
+        sizes its full-resolution activations are a large share of training memory."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = _checkpointed_stem(self.stem, x)
+        else:
+            x = self.stem(x)
+        return x.permute(0, 2, 3, 1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last stage's features (B, C, H/32, W/32), unpooled."""
         check_input(x, self.in_chans)
-        x = self.stem(x).permute(0, 2, 3, 1)
+        x = self.forward_stem(x)
         x = self.stages(x)
         return x.permute(0, 3, 1, 2)
 

@@ -157,6 +157,20 @@ def test_backward_reaches_every_parameter(name):
     assert not [n for n, p in model.named_parameters() if p.grad is None]
 
 
+def test_grad_checkpointing_gives_the_same_gradients_and_batchnorm_stats():
+    torch.manual_seed(0)
+    model = timm.create_model('rmt_t', **small_kwargs()).train()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing()
+    x = torch.randn(2, 3, 64, 48)
+    for m in (model, checkpointed):
+        m(x).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, a), b in zip(model.named_buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_backward_with_grad_checkpointing_reaches_every_parameter():
     model = timm.create_model('rmt_t', **small_kwargs(token_label=True)).train()
     model.set_grad_checkpointing()
