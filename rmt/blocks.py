@@ -54,23 +54,22 @@ class Downsample(nn.Module):
 
 
 class DWConv(nn.Module):
-    """Depthwise 3x3 conv (with bias) on channels-last features, optionally with its residual.
+    """``x + DWConv3x3(x)`` (depthwise, with bias) on channels-last features, as one conv.
 
-    With ``residual``, ``x + conv(x)`` is one conv whose kernel centre is raised by 1: the same
-    sum, without a separate pass over memory for the add.
+    The residual is folded into the kernel (its centre raised by 1): the same sum, without a
+    separate pass over memory for the add.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False):
+    def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.residual = residual
         identity = torch.zeros(dim, 1, kernel_size, kernel_size)
         identity[:, :, kernel_size // 2, kernel_size // 2] = 1
         self.register_buffer('identity', identity, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.conv.weight + self.identity if self.residual else self.conv.weight
-        x = F.conv2d(x.permute(0, 3, 1, 2), weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+        x = F.conv2d(x.permute(0, 3, 1, 2), self.conv.weight + self.identity, self.conv.bias,
+                     padding=self.conv.padding, groups=self.conv.groups)
         return x.permute(0, 2, 3, 1)
 
 
@@ -81,7 +80,7 @@ class FFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.dwconv = DWConv(hidden_dim, residual=True)
+        self.dwconv = DWConv(hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +102,7 @@ class RMTBlock(nn.Module):
             drop_path: float = 0.,
     ):
         super().__init__()
-        self.cpe = DWConv(dim, residual=True)
+        self.cpe = DWConv(dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = MaSA(dim, num_heads, decomposed)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
