@@ -13,6 +13,9 @@ from the device, dtype and sequence length:
 
 * ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` with the decay as an additive 4-D mask
   (the fused CPU kernel takes only 2-D or 4-D masks; a 3-D one falls back to the math kernel);
+* ``bmm`` (short sequences on CPU): heads packed into one contiguous batch, two ``bmm`` calls and a
+  softmax; for the 7- to 28-token rows and columns of decomposed stages the fused CPU kernel's fixed
+  cost per (batch, head) outweighs its savings;
 * ``blocked`` (full form, large inputs): query blocks of image rows, each with its slice of the
   decay built on the fly from the two 1-D masks, so no (n, HW, HW) tensor is ever held;
 * ``flex`` (full form, large inputs on CUDA): FlexAttention with a ``score_mod`` that computes the
@@ -33,7 +36,7 @@ from .decay import DecayTables, theta_shift
 __all__ = ['ATTN_IMPLS', 'MaSA', 'select_attn_impl', 'attention_reference', 'full_attention',
            'decomposed_attention', 'needs_2d_mask', 'set_attn_budget']
 
-ATTN_IMPLS = ('auto', 'reference', 'sdpa', 'blocked', 'flex')
+ATTN_IMPLS = ('auto', 'reference', 'sdpa', 'bmm', 'blocked', 'flex')
 
 # Above this many bytes for one (n, HW, HW) decay mask, full-attention stages stop materialising it.
 _MASK_BUDGET_BYTES = 64 * 2 ** 20
@@ -41,6 +44,8 @@ _MASK_BUDGET_BYTES = 64 * 2 ** 20
 _BLOCK_BYTES = 32 * 2 ** 20
 # On CUDA, full attention over at least this many tokens uses FlexAttention when available.
 _FLEX_MIN_TOKENS = 1024
+# On CPU, float32/64 attention over at most this many tokens per sequence uses the ``bmm`` path.
+_BMM_MAX_TOKENS = 32
 
 
 def set_attn_budget(mask_bytes: Optional[int] = None, block_bytes: Optional[int] = None) -> None:
@@ -80,11 +85,25 @@ def _mask_fits(num_heads: int, tokens: int, x: torch.Tensor) -> bool:
     return num_heads * tokens * tokens * x.element_size() <= _mask_budget()
 
 
+@torch.jit.ignore
+def _bmm_max_tokens() -> int:
+    return _BMM_MAX_TOKENS
+
+
+def _short_on_cpu(tokens: int, x: torch.Tensor) -> bool:
+    return x.device.type == 'cpu' and tokens <= _bmm_max_tokens() and \
+        (x.dtype == torch.float32 or x.dtype == torch.float64)
+
+
 @torch.jit.unused
-def _auto_full_impl(num_heads: int, height: int, width: int, x: torch.Tensor) -> str:
+def _auto_impl(decomposed: bool, num_heads: int, height: int, width: int, x: torch.Tensor) -> str:
     if torch.compiler.is_exporting():
         return 'sdpa'  # no size-dependent branch in an exported graph
     tokens = height * width
+    if _short_on_cpu(max(height, width) if decomposed else tokens, x):
+        return 'bmm'
+    if decomposed:
+        return 'sdpa'
     if x.device.type == 'cuda' and tokens >= _FLEX_MIN_TOKENS and _flex_attention() is not None:
         return 'flex'
     return 'sdpa' if _mask_fits(num_heads, tokens, x) else 'blocked'
@@ -94,24 +113,26 @@ def _auto_full_impl(num_heads: int, height: int, width: int, x: torch.Tensor) ->
 def select_attn_impl(requested: str, decomposed: bool, num_heads: int, x: torch.Tensor) -> str:
     """The attention path for a stage input ``x`` of shape (B, H, W, C).
 
-    ``requested`` is one of :data:`ATTN_IMPLS`. Decomposed stages never build an (HW x HW) tensor,
-    so for them ``blocked`` and ``flex`` mean ``sdpa``.
+    ``requested`` is one of :data:`ATTN_IMPLS`; 'auto' picks by device, dtype and sequence length
+    (a decomposed stage's sequences are its rows and columns). Decomposed stages never build an
+    (HW x HW) tensor, so for them ``blocked`` and ``flex`` mean ``sdpa``.
     """
-    if requested == 'reference':
-        return 'reference'
-    if decomposed:
-        return 'sdpa'
-    if requested != 'auto':
+    if requested == 'reference' or requested == 'bmm':
         return requested
-    if torch.jit.is_scripting():
-        return 'sdpa' if _mask_fits(num_heads, x.shape[1] * x.shape[2], x) else 'blocked'
-    return _auto_full_impl(num_heads, x.shape[1], x.shape[2], x)
+    if requested != 'auto':
+        return 'sdpa' if decomposed else requested
+    H, W = x.shape[1], x.shape[2]
+    if not torch.jit.is_scripting():
+        return _auto_impl(decomposed, num_heads, H, W, x)
+    if _short_on_cpu(max(H, W) if decomposed else H * W, x):
+        return 'bmm'
+    return 'sdpa' if decomposed or _mask_fits(num_heads, H * W, x) else 'blocked'
 
 
 @register_notrace_function
 def needs_2d_mask(impl: str, decomposed: bool) -> bool:
     """Whether ``impl`` reads the materialised (n, HW, HW) decay mask."""
-    return not decomposed and (impl == 'sdpa' or impl == 'reference')
+    return not decomposed and (impl == 'sdpa' or impl == 'bmm' or impl == 'reference')
 
 
 def attention_reference(
@@ -127,10 +148,22 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0), scale=scale)
 
 
+def _bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reference math with every (batch, head) pair packed into one contiguous bmm batch."""
+    N, n, L, d = q.shape
+    S = k.shape[2]
+    scores = torch.bmm(q.reshape(N * n, L, d), k.reshape(N * n, S, d).transpose(1, 2))
+    # in place on the bmm output, which its backward does not need
+    probs = scores.view(N, n, L, S).mul_(scale).add_(bias.to(q.dtype)).softmax(dim=-1)
+    return torch.bmm(probs.view(N * n, L, S), v.reshape(N * n, S, v.shape[-1])).view(N, n, L, v.shape[-1])
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
             impl: str) -> torch.Tensor:
     if impl == 'reference':
         return attention_reference(q, k, v, bias, scale)
+    if impl == 'bmm':
+        return _bmm(q, k, v, bias, scale)
     return _sdpa(q, k, v, bias, scale)
 
 
@@ -199,36 +232,36 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: De
         out = _blocked(q, k, v, mask_h, mask_w, scale)
     elif impl == 'flex':
         out = _flex(q, k, v, decay, W, scale)
-    elif impl in ('sdpa', 'reference'):
+    elif impl in ('sdpa', 'bmm', 'reference'):
         if mask_2d.numel() == 0:
             raise RuntimeError('the full-attention paths need the 2-D decay mask in the tables')
         out = _attend(q, k, v, mask_2d, scale, impl)
     else:
         raise ValueError('unknown attention implementation ' + impl)
-    return out.transpose(1, 2).reshape(B, H, W, n, d)
+    return out.transpose(1, 2).unflatten(1, (H, W))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    B, H, W, n, d = x.shape
-    return x.reshape(B * H, W, n, d).transpose(1, 2)
+    """(B, H, W, n, d) -> (B*H, n, W, d), a view."""
+    return x.permute(0, 1, 3, 2, 4).flatten(0, 1)
 
 
 def _columns(x: torch.Tensor) -> torch.Tensor:
-    B, H, W, n, d = x.shape
-    return x.transpose(1, 2).reshape(B * W, H, n, d).transpose(1, 2)
+    """(B, H, W, n, d) -> (B*W, n, H, d); (B, W) do not merge in this layout, so a copy unless B == 1."""
+    return x.permute(0, 2, 3, 1, 4).flatten(0, 1)
 
 
 def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: DecayTables, scale: float,
                          impl: str) -> torch.Tensor:
-    """Attention along each row, then along each column of the row result; (B, H, W, n, d) in and out."""
+    """Attention along each row, then along each column of the row result; (B, H, W, n, d) in and out.
+
+    The result is a (B, H, W, n, d) view of the column pass output, in whatever layout its kernel wrote.
+    """
     B, H, W, n, d = q.shape
-    mask_h, mask_w = tables.mask_h, tables.mask_w
-    # rows: batch (B*H), sequence W, as views of the (B, H, W, n, d) layout
-    v = _attend(_rows(q), _rows(k), _rows(v), mask_w, scale, impl)
-    v = v.transpose(1, 2).reshape(B, H, W, n, d)
-    # columns: batch (B*W), sequence H; (B, W) do not merge in this layout, so these are copies
-    out = _attend(_columns(q), _columns(k), _columns(v), mask_h, scale, impl)
-    return out.reshape(B, W, n, H, d).permute(0, 3, 1, 2, 4)
+    rows = _attend(_rows(q), _rows(k), _rows(v), tables.mask_w, scale, impl)
+    v = rows.unflatten(0, (B, H)).permute(0, 1, 3, 2, 4)
+    out = _attend(_columns(q), _columns(k), _columns(v), tables.mask_h, scale, impl)
+    return out.unflatten(0, (B, W)).permute(0, 3, 1, 2, 4)
 
 
 @register_notrace_module
@@ -262,8 +295,9 @@ class MaSA(nn.Module):
             out = decomposed_attention(q, k, v, tables, self.scale, impl)
         else:
             out = full_attention(q, k, v, tables, self.scale, impl)
-        # in place, so the sum keeps the contiguous (B, H, W, C) layout of the conv output
-        return self.proj(lce.add_(out.reshape(B, H, W, C)))
+        # in place: the sum keeps the conv output's (B, H, W, C) layout and reads ``out`` in whatever
+        # layout the attention kernel left it, with no copy
+        return self.proj(lce.unflatten(-1, (self.num_heads, self.head_dim)).add_(out).flatten(-2))
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, decomposed={self.decomposed}'

@@ -10,6 +10,11 @@ in a fresh subprocess (CUDA: max allocated; CPU: peak RSS, VmHWM, minus the RSS 
 forward, and in total). Achieved GFLOP/s are forward FLOPs counted by ``torch.utils.flop_counter``
 (2 per multiply-add, attention included; a training step counts 3x forward) over time, also as a
 fraction of the device's measured fp32 matmul peak.
+
+For RMT models in inference, a second table splits the time per image into stem, stages and head
+(medians over the rounds, timed with module hooks), and a sweep over sizes shows how the time of the
+decomposed stages grows against their token count. With ``rmt_s`` and Swin-T in the run, the issue's
+targets are printed as met or not.
 """
 import argparse
 import csv
@@ -166,6 +171,82 @@ def count_flops(model, args, mode: str, size) -> float:
     return counter.get_total_flops() * args.batch_size * (3 if mode == 'train' else 1)
 
 
+def part_times(model, step, args, rounds: int) -> List[float]:
+    """Median seconds per batch of an RMT model's stem, each stage and head, timed with module hooks."""
+    parts = [model.stem, *model.stages, model.head]
+    times: List[List[float]] = [[] for _ in parts]
+    starts: Dict[int, float] = {}
+    handles = []
+    for i, part in enumerate(parts):
+        def pre(_module, _inputs, i=i):
+            sync(args.device)
+            starts[i] = time.perf_counter()
+
+        def post(_module, _inputs, _output, i=i):
+            sync(args.device)
+            times[i].append(time.perf_counter() - starts[i])
+        handles += [part.register_forward_pre_hook(pre), part.register_forward_hook(post)]
+    try:
+        for _ in range(rounds):
+            step()
+    finally:
+        for h in handles:
+            h.remove()
+    return [statistics.median(t) for t in times]
+
+
+def print_parts(rows: List[Dict]) -> None:
+    rows = [r for r in rows if r.get('parts')]
+    if not rows:
+        return
+    stages = len(rows[0]['parts']) - 2
+    print('\nTime per image by part (ms; d = decomposed stage, f = full attention):\n')
+    print('| model | size | stem | ' + ' | '.join(f'stage {i + 1}' for i in range(stages)) + ' | head |')
+    print('|---|---|---|' + '---|' * stages + '---|')
+    for r in rows:
+        kinds = r['decomposed']
+        cells = [f"{t:.1f}" for t in r['parts']]
+        cells[1:-1] = [f"{c} ({'d' if kinds[i] else 'f'})" for i, c in enumerate(cells[1:-1])]
+        print(f"| {r['model']} | {r['size']} | " + ' | '.join(cells) + ' |')
+    by_model: Dict[str, List[Dict]] = {}
+    for r in rows:
+        by_model.setdefault(r['model'], []).append(r)
+    growth = [(m, a, b) for m, rs in by_model.items() for a, b in zip(rs, rs[1:])]
+    if not growth:
+        return
+    print('\nGrowth between sizes (time per image; the decomposed stages against their token count):\n')
+    print('| model | sizes | tokens | decomposed stages time | full-attention stages time | whole model time |')
+    print('|---|---|---|---|---|---|')
+    for m, a, b in growth:
+        tokens = b['pixels'] / a['pixels']
+        dec = [sum(t for t, d in zip(r['parts'][1:-1], r['decomposed']) if d) for r in (a, b)]
+        full = [sum(t for t, d in zip(r['parts'][1:-1], r['decomposed']) if not d) for r in (a, b)]
+        verdict = 'within' if dec[1] / dec[0] <= tokens else 'faster than tokens'
+        print(f"| {m} | {a['size']} -> {b['size']} | {tokens:.2f}x | {dec[1] / dec[0]:.2f}x ({verdict}) | "
+              f"{full[1] / full[0]:.2f}x | {b['ms_per_img'] / a['ms_per_img']:.2f}x |")
+
+
+def print_targets(rows: List[Dict]) -> None:
+    """The speed issue's targets: rmt_s against Swin-T at 224 px (meaningful at batch 8, 2 CPU threads)."""
+    found = {(r['model'], r['mode']): r for r in rows if r['size'] == '224'}
+    swin = 'swin_tiny_patch4_window7_224'
+    checks = []
+    for mode in ('infer', 'train'):
+        ours, peer = found.get(('rmt_s', mode)), found.get((swin, mode))
+        if ours and peer:
+            ratio = ours['img_per_s'] / peer['img_per_s']
+            checks.append((f'rmt_s {mode} images/s vs Swin-T', f'{ratio:.2f}x', '>= 1.00x', ratio >= 1.0))
+            if mode == 'train' and ours['peak_mib'] == ours['peak_mib'] and peer['peak_mib'] == peer['peak_mib']:
+                ratio = ours['peak_mib'] / peer['peak_mib']
+                checks.append(('rmt_s train peak memory vs Swin-T', f'{ratio:.2f}x', '<= 1.10x', ratio <= 1.1))
+    if checks:
+        print('\nTargets (224 px):\n')
+        print('| target | measured | wanted | met |')
+        print('|---|---|---|---|')
+        for name, measured, wanted, met in checks:
+            print(f"| {name} | {measured} | {wanted} | {'yes' if met else 'NO'} |")
+
+
 def matmul_peak(device: str, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
     """Best fp32 GEMM GFLOP/s of this device."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -221,6 +302,10 @@ def main(argv=None) -> None:
                 print(f'  [{size_name(size)} {mode}] round {r + 1}/{args.rounds}: ' + ', '.join(
                     f"{e['name']} {e['times'][-1] * 1000:.0f} ms" for e in entries), flush=True)
             for e in entries:
+                e['parts'] = None
+                if mode == 'infer' and isinstance(e['model'], rmt.RMT):
+                    e['parts'] = part_times(e['model'], e['step'], args, args.rounds)
+            for e in entries:
                 t = statistics.median(e['times'])
                 mem = dict(peak=float('nan'), total=float('nan')) if args.no_memory else \
                     measure_memory(e['name'], mode, size, args)
@@ -228,7 +313,9 @@ def main(argv=None) -> None:
                     model=e['name'], mode=mode, size=size_name(size), batch=args.batch_size,
                     img_per_s=args.batch_size / t, ms_per_img=1000 * t / args.batch_size,
                     gflops_per_s=e['flops'] / t / 1e9, peak_fraction=e['flops'] / t / 1e9 / peak,
-                    peak_mib=mem['peak'] / 2 ** 20, total_mib=mem['total'] / 2 ** 20,
+                    peak_mib=mem['peak'] / 2 ** 20, total_mib=mem['total'] / 2 ** 20, pixels=size[0] * size[1],
+                    parts=e['parts'] and [1000 * t / args.batch_size for t in e['parts']],
+                    decomposed=[stage.decomposed for stage in e['model'].stages] if e['parts'] else None,
                 ))
             del entries
 
@@ -241,12 +328,15 @@ def main(argv=None) -> None:
         print(f"| {r['model']} | {r['mode']} | {r['size']} | {r['img_per_s']:.2f} | {r['ms_per_img']:.1f} | "
               f"{r['img_per_s'] / ref['img_per_s']:.2f}x | {r['gflops_per_s']:.1f} | {100 * r['peak_fraction']:.0f}% | "
               f"{r['peak_mib']:.0f} | {r['total_mib']:.0f} |")
+    print_parts(rows)
+    print_targets(rows)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name or time.strftime('bench_%Y%m%d_%H%M%S'))
     with open(stem + '.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{k: ';'.join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()}
+                          for r in rows])
     with open(stem + '.json', 'w') as f:
         json.dump(dict(args=vars(args), matmul_peak_gflops=peak, rows=rows), f, indent=1)
     print(f'\nwrote {stem}.csv and {stem}.json')

@@ -79,7 +79,7 @@ def test_decomposed_tables_hold_no_hw_by_hw_mask():
     assert tables_for(6, 6, with_2d=False).mask_2d.numel() == 0
 
 
-@pytest.mark.parametrize('impl', ['sdpa', 'blocked', 'flex'])
+@pytest.mark.parametrize('impl', ['sdpa', 'bmm', 'blocked', 'flex'])
 @pytest.mark.parametrize('H,W', [(5, 7), (1, 9), (8, 3)])
 def test_full_attention_paths_match_reference(impl, H, W, monkeypatch):
     monkeypatch.setattr(attention, '_BLOCK_BYTES', 1)  # blocks of one image row
@@ -100,12 +100,14 @@ def test_blocked_attention_with_several_rows_per_block_matches_reference(monkeyp
     assert (full_attention(q, k, v, tables, 0.3, 'blocked') - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize('impl', ['sdpa', 'bmm'])
 @pytest.mark.parametrize('H,W', [(5, 7), (1, 6), (6, 1)])
-def test_decomposed_sdpa_matches_reference(H, W):
+def test_decomposed_fast_paths_match_reference(impl, H, W):
     q, k, v = make_qkv(H=H, W=W)
     tables = tables_for(H, W, with_2d=False)
     ref = decomposed_attention(q, k, v, tables, 8 ** -0.5, 'reference')
-    out = decomposed_attention(q, k, v, tables, 8 ** -0.5, 'sdpa')
+    out = decomposed_attention(q, k, v, tables, 8 ** -0.5, impl)
+    assert out.shape == (2, H, W, 3, 8)
     assert (out - ref).abs().max().item() < 1e-5
 
 
@@ -130,10 +132,21 @@ def test_decomposed_reference_is_row_then_column_attention():
 
 def test_auto_dispatch_picks_sdpa_for_small_and_blocked_for_large_full_stages(monkeypatch):
     monkeypatch.setattr(attention, '_MASK_BUDGET_BYTES', 4 * 16 * 16 * 4 * 4)
+    monkeypatch.setattr(attention, '_BMM_MAX_TOKENS', 0)
     assert select_attn_impl('auto', False, 4, torch.empty(1, 4, 4, 8)) == 'sdpa'     # 16 tokens: fits
     assert select_attn_impl('auto', False, 4, torch.empty(1, 8, 8, 8)) == 'blocked'  # 64 tokens: too big
     assert select_attn_impl('auto', True, 4, torch.empty(1, 64, 64, 8)) == 'sdpa'    # decomposed: no 2-D mask
     assert select_attn_impl('reference', True, 4, torch.empty(1, 4, 4, 8)) == 'reference'
+
+
+def test_auto_dispatch_picks_bmm_for_short_float_sequences_on_cpu():
+    assert select_attn_impl('auto', True, 4, torch.empty(1, 28, 14, 8)) == 'bmm'    # rows 14, columns 28
+    assert select_attn_impl('auto', True, 4, torch.empty(1, 56, 14, 8)) == 'sdpa'   # columns of 56
+    assert select_attn_impl('auto', False, 4, torch.empty(1, 4, 8, 8)) == 'bmm'     # 32 tokens in all
+    assert select_attn_impl('auto', False, 4, torch.empty(1, 7, 7, 8)) == 'sdpa'    # 49 tokens
+    assert select_attn_impl('auto', True, 4, torch.empty(1, 14, 14, 8, dtype=torch.bfloat16)) == 'sdpa'
+    assert select_attn_impl('auto', True, 4, torch.empty(1, 14, 14, 8, device='meta')) == 'sdpa'
+    assert select_attn_impl('bmm', True, 4, torch.empty(1, 56, 56, 8)) == 'bmm'    # asked for: always
 
 
 def test_tables_are_built_once_per_size_and_dtype():
@@ -170,14 +183,27 @@ def test_unknown_attention_impl_is_rejected():
         model.set_attn_impl('fastest')
 
 
-def test_blocked_attention_gradients_match_reference(monkeypatch):
+@pytest.mark.parametrize('impl', ['bmm', 'blocked'])
+def test_full_attention_gradients_match_reference(impl, monkeypatch):
     monkeypatch.setattr(attention, '_BLOCK_BYTES', 1)  # every image row checkpointed on its own
     H, W = 4, 5
     tables = tables_for(H, W)
     grads = []
-    for impl in ('reference', 'blocked'):
+    for path in ('reference', impl):
         q, k, v = [t.requires_grad_() for t in make_qkv(H=H, W=W)]
-        full_attention(q, k, v, tables, 0.3, impl).pow(2).sum().backward()
+        full_attention(q, k, v, tables, 0.3, path).pow(2).sum().backward()
+        grads.append([q.grad, k.grad, v.grad])
+    for ref, out in zip(*grads):
+        assert (ref - out).abs().max().item() < 1e-5
+
+
+def test_decomposed_bmm_gradients_match_reference():
+    H, W = 4, 5
+    tables = tables_for(H, W, with_2d=False)
+    grads = []
+    for impl in ('reference', 'bmm'):
+        q, k, v = [t.requires_grad_() for t in make_qkv(H=H, W=W)]
+        decomposed_attention(q, k, v, tables, 0.3, impl).pow(2).sum().backward()
         grads.append([q.grad, k.grad, v.grad])
     for ref, out in zip(*grads):
         assert (ref - out).abs().max().item() < 1e-5

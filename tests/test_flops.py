@@ -35,13 +35,15 @@ def test_fused_attention_counts_as_qk_and_av_matmuls():
 def test_fused_and_explicit_matmul_attention_count_the_same():
     cfg = rmt.official_config_to_kwargs(json.loads((FIXTURES / 'official_small_config.json').read_text()))
     model = timm.create_model('rmt_t', **cfg)
-    fused = flops_by_operator(model, (3, 96, 80))
-    model.set_attn_impl('reference')
-    explicit = flops_by_operator(model, (3, 96, 80))
+    counts = {}
+    for impl in ('sdpa', 'bmm', 'reference'):
+        model.set_attn_impl(impl)
+        counts[impl] = flops_by_operator(model, (3, 96, 80))
+    fused, packed, explicit = counts['sdpa'], counts['bmm'], counts['reference']
     assert 'matmul' not in fused and fused['scaled_dot_product_attention'] > 0
     assert 'scaled_dot_product_attention' not in explicit
-    assert fused['scaled_dot_product_attention'] == explicit['matmul']
-    assert sum(fused.values()) == sum(explicit.values())
+    assert fused['scaled_dot_product_attention'] == explicit['matmul'] == packed['bmm']
+    assert sum(fused.values()) == sum(explicit.values()) == sum(packed.values())
 
 
 @pytest.mark.parametrize('name', ['rmt_t', 'rmt_s'])  # B and L take longer: scripts/flops.py reports all four
