@@ -207,3 +207,18 @@ def test_decomposed_bmm_gradients_match_reference():
         grads.append([q.grad, k.grad, v.grad])
     for ref, out in zip(*grads):
         assert (ref - out).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize('length', [7, 14, 28])
+def test_short_row_softmax_matches_torch_softmax_with_and_without_autograd(length):
+    scores = torch.randn(6, 3, 5, length) * 20
+    expected = scores.softmax(-1)
+    assert torch.allclose(attention._softmax(scores.clone()), expected, atol=1e-6)
+    leaf = scores.clone().requires_grad_()
+    probs = attention._softmax(leaf)
+    assert torch.allclose(probs, expected, atol=1e-6)
+    weights = torch.randn_like(scores)
+    (probs * weights).sum().backward()
+    leaf_ref = scores.clone().requires_grad_()
+    (leaf_ref.softmax(-1) * weights).sum().backward()
+    assert torch.allclose(leaf.grad, leaf_ref.grad, atol=1e-6)
