@@ -314,8 +314,10 @@ class RMT(nn.Module):
         return take_indices
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv stem, to channels-last (B, H/4, W/4, C). Checkpointed with the blocks: at detection
+        """The conv stem, to channels-last (B, H/4, W/4, C). It runs channels-last, so its convs use the
+        faster kernels and the stages get contiguous features. Checkpointed with the blocks: at detection
         sizes its full-resolution activations are a large share of training memory."""
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = _checkpointed_stem(self.stem, x)
         else:
