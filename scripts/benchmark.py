@@ -12,12 +12,13 @@ forward, and in total). Achieved GFLOP/s are forward FLOPs counted by ``torch.ut
 fraction of the device's measured fp32 matmul peak.
 
 For RMT models in inference, a second table splits the time per image into stem, stages and head
-(medians over the rounds, timed with module hooks), and a sweep over sizes shows how the time of the
+(medians over the same rounds, timed with module hooks), and a sweep over sizes shows how the time of the
 decomposed stages grows against their token count. With ``rmt_s`` and Swin-T in the run, the issue's
 targets are printed as met or not.
 """
 import argparse
 import csv
+import functools
 import json
 import os
 import statistics
@@ -171,28 +172,36 @@ def count_flops(model, args, mode: str, size) -> float:
     return counter.get_total_flops() * args.batch_size * (3 if mode == 'train' else 1)
 
 
-def part_times(model, step, args, rounds: int) -> List[float]:
-    """Median seconds per batch of an RMT model's stem, each stage and head, timed with module hooks."""
-    parts = [model.stem, *model.stages, model.head]
-    times: List[List[float]] = [[] for _ in parts]
-    starts: Dict[int, float] = {}
-    handles = []
-    for i, part in enumerate(parts):
-        def pre(_module, _inputs, i=i):
-            sync(args.device)
-            starts[i] = time.perf_counter()
+class PartTimer:
+    """Times an RMT model's stem, each stage and its head with module hooks, during the timed rounds."""
 
-        def post(_module, _inputs, _output, i=i):
-            sync(args.device)
-            times[i].append(time.perf_counter() - starts[i])
-        handles += [part.register_forward_pre_hook(pre), part.register_forward_hook(post)]
-    try:
-        for _ in range(rounds):
-            step()
-    finally:
-        for h in handles:
+    def __init__(self, model, device: str):
+        self.parts = [model.stem, *model.stages, model.head]
+        self.times: List[List[float]] = [[] for _ in self.parts]
+        self.device = device
+        self._start: Dict[int, float] = {}
+        self.handles = []
+
+    def attach(self) -> None:
+        for i, part in enumerate(self.parts):
+            self.handles += [part.register_forward_pre_hook(functools.partial(self._pre, i)),
+                             part.register_forward_hook(functools.partial(self._post, i))]
+
+    def detach(self) -> None:
+        for h in self.handles:
             h.remove()
-    return [statistics.median(t) for t in times]
+        self.handles = []
+
+    def _pre(self, i: int, _module, _inputs) -> None:
+        sync(self.device)
+        self._start[i] = time.perf_counter()
+
+    def _post(self, i: int, _module, _inputs, _output) -> None:
+        sync(self.device)
+        self.times[i].append(time.perf_counter() - self._start[i])
+
+    def medians(self) -> List[float]:
+        return [statistics.median(t) for t in self.times]
 
 
 def print_parts(rows: List[Dict]) -> None:
@@ -290,8 +299,12 @@ def main(argv=None) -> None:
                 step = make_step(model, args, mode, x)
                 for _ in range(args.warmup):
                     step()
-                entries.append(dict(name=name, step=step, model=model, flops=flops, times=[]))
+                timer = PartTimer(model, args.device) if mode == 'infer' and isinstance(model, rmt.RMT) else None
+                entries.append(dict(name=name, step=step, model=model, flops=flops, times=[], timer=timer))
                 print(f'  [{size_name(size)} {mode}] built and warmed up {name}', flush=True)
+            for e in entries:
+                if e['timer']:
+                    e['timer'].attach()  # a few perf_counter calls per forward
             for r in range(args.rounds):
                 for e in entries:
                     sync(args.device)
@@ -303,8 +316,9 @@ def main(argv=None) -> None:
                     f"{e['name']} {e['times'][-1] * 1000:.0f} ms" for e in entries), flush=True)
             for e in entries:
                 e['parts'] = None
-                if mode == 'infer' and isinstance(e['model'], rmt.RMT):
-                    e['parts'] = part_times(e['model'], e['step'], args, args.rounds)
+                if e['timer']:
+                    e['timer'].detach()
+                    e['parts'] = e['timer'].medians()
             for e in entries:
                 t = statistics.median(e['times'])
                 mem = dict(peak=float('nan'), total=float('nan')) if args.no_memory else \

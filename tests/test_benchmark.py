@@ -1,0 +1,44 @@
+"""scripts/benchmark.py: what it reports (its numbers are never asserted: speed is not tested by timing)."""
+import csv
+import sys
+
+from _rmt_training import SCRIPTS
+
+sys.path.insert(0, SCRIPTS)
+import benchmark  # noqa: E402
+
+
+def test_resolution_sweep_reports_parts_and_growth_of_decomposed_stages(tmp_path, capsys):
+    benchmark.main(['--models', 'rmt_t', '-b', '1', '--resolutions', '64,96x64', '--modes', 'infer',
+                    '--rounds', '1', '--warmup', '0', '--no-memory', '--no-flops',
+                    '--out', str(tmp_path), '--name', 'sweep'])
+    out = capsys.readouterr().out
+    assert '| rmt_t | 64 | ' in out and '| rmt_t | 96x64 | ' in out
+    assert '| rmt_t | 64 -> 96x64 | 1.50x | ' in out  # token ratio of the two sizes
+    with open(tmp_path / 'sweep.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['size'] for r in rows] == ['64', '96x64']
+    parts = [float(t) for t in rows[0]['parts'].split(';')]
+    assert len(parts) == 6 and all(t > 0 for t in parts)  # stem, four stages, head
+    assert rows[0]['decomposed'] == 'True;True;False;False'
+
+
+def _row(model, mode, img_per_s, peak_mib):
+    return dict(model=model, mode=mode, size='224', img_per_s=img_per_s, peak_mib=peak_mib)
+
+
+def test_targets_compare_rmt_s_with_swin_t(capsys):
+    swin = 'swin_tiny_patch4_window7_224'
+    benchmark.print_targets([
+        _row('rmt_s', 'infer', 12.0, 100.0), _row(swin, 'infer', 10.0, 100.0),
+        _row('rmt_s', 'train', 3.0, 1200.0), _row(swin, 'train', 4.0, 1000.0),
+    ])
+    out = capsys.readouterr().out
+    assert '| rmt_s infer images/s vs Swin-T | 1.20x | >= 1.00x | yes |' in out
+    assert '| rmt_s train images/s vs Swin-T | 0.75x | >= 1.00x | NO |' in out
+    assert '| rmt_s train peak memory vs Swin-T | 1.20x | <= 1.10x | NO |' in out
+
+
+def test_targets_are_not_printed_without_both_models(capsys):
+    benchmark.print_targets([_row('rmt_s', 'infer', 12.0, 100.0)])
+    assert 'Targets' not in capsys.readouterr().out
