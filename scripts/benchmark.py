@@ -299,7 +299,9 @@ def main(argv=None) -> None:
                 step = make_step(model, args, mode, x)
                 for _ in range(args.warmup):
                     step()
-                timer = PartTimer(model, args.device) if mode == 'infer' and isinstance(model, rmt.RMT) else None
+                # (not under --compile: hooks added after compiling do not run inside the compiled graph)
+                timed_parts = mode == 'infer' and isinstance(model, rmt.RMT) and not args.compile
+                timer = PartTimer(model, args.device) if timed_parts else None
                 entries.append(dict(name=name, step=step, model=model, flops=flops, times=[], timer=timer))
                 print(f'  [{size_name(size)} {mode}] built and warmed up {name}', flush=True)
             for e in entries:
