@@ -100,7 +100,8 @@ def _auto_impl(decomposed: bool, num_heads: int, height: int, width: int, x: tor
     if torch.compiler.is_exporting():
         return 'sdpa'  # no size-dependent branch in an exported graph
     tokens = height * width
-    if _short_on_cpu(max(height, width) if decomposed else tokens, x):
+    # under autocast q, k and v are half precision even when the stage input is not
+    if _short_on_cpu(max(height, width) if decomposed else tokens, x) and not torch.is_autocast_enabled('cpu'):
         return 'bmm'
     if decomposed:
         return 'sdpa'

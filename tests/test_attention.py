@@ -147,6 +147,8 @@ def test_auto_dispatch_picks_bmm_for_short_float_sequences_on_cpu():
     assert select_attn_impl('auto', True, 4, torch.empty(1, 14, 14, 8, dtype=torch.bfloat16)) == 'sdpa'
     assert select_attn_impl('auto', True, 4, torch.empty(1, 14, 14, 8, device='meta')) == 'sdpa'
     assert select_attn_impl('bmm', True, 4, torch.empty(1, 56, 56, 8)) == 'bmm'    # asked for: always
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # q, k, v in bf16 although the input is float32
+        assert select_attn_impl('auto', True, 4, torch.empty(1, 14, 14, 8)) == 'sdpa'
 
 
 def test_tables_are_built_once_per_size_and_dtype():
