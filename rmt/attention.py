@@ -95,19 +95,23 @@ def _short_on_cpu(tokens: int, x: torch.Tensor) -> bool:
         (x.dtype == torch.float32 or x.dtype == torch.float64)
 
 
+def _by_size(decomposed: bool, num_heads: int, height: int, width: int, x: torch.Tensor, short_ok: bool) -> str:
+    """'bmm' for short CPU sequences (if ``short_ok``), else 'sdpa' while the 2-D mask fits, else 'blocked'."""
+    tokens = height * width
+    if short_ok and _short_on_cpu(max(height, width) if decomposed else tokens, x):
+        return 'bmm'
+    return 'sdpa' if decomposed or _mask_fits(num_heads, tokens, x) else 'blocked'
+
+
 @torch.jit.unused
 def _auto_impl(decomposed: bool, num_heads: int, height: int, width: int, x: torch.Tensor) -> str:
     if torch.compiler.is_exporting():
         return 'sdpa'  # no size-dependent branch in an exported graph
-    tokens = height * width
-    # under autocast q, k and v are half precision even when the stage input is not
-    if _short_on_cpu(max(height, width) if decomposed else tokens, x) and not torch.is_autocast_enabled('cpu'):
-        return 'bmm'
-    if decomposed:
-        return 'sdpa'
-    if x.device.type == 'cuda' and tokens >= _FLEX_MIN_TOKENS and _flex_attention() is not None:
+    if not decomposed and x.device.type == 'cuda' and height * width >= _FLEX_MIN_TOKENS \
+            and _flex_attention() is not None:
         return 'flex'
-    return 'sdpa' if _mask_fits(num_heads, tokens, x) else 'blocked'
+    # under autocast q, k and v are half precision even when the stage input is not
+    return _by_size(decomposed, num_heads, height, width, x, short_ok=not torch.is_autocast_enabled('cpu'))
 
 
 @register_notrace_function
@@ -122,12 +126,9 @@ def select_attn_impl(requested: str, decomposed: bool, num_heads: int, x: torch.
         return requested
     if requested != 'auto':
         return 'sdpa' if decomposed else requested
-    H, W = x.shape[1], x.shape[2]
-    if not torch.jit.is_scripting():
-        return _auto_impl(decomposed, num_heads, H, W, x)
-    if _short_on_cpu(max(H, W) if decomposed else H * W, x):
-        return 'bmm'
-    return 'sdpa' if decomposed or _mask_fits(num_heads, H * W, x) else 'blocked'
+    if torch.jit.is_scripting():
+        return _by_size(decomposed, num_heads, x.shape[1], x.shape[2], x, True)
+    return _auto_impl(decomposed, num_heads, x.shape[1], x.shape[2], x)
 
 
 @register_notrace_function
