@@ -18,8 +18,10 @@ from the device, dtype and sequence length:
   cost per (batch, head) outweighs its savings;
 * ``blocked`` (full form, large inputs): query blocks of image rows, each with its slice of the
   decay built on the fly from the two 1-D masks, so no (n, HW, HW) tensor is ever held;
-* ``flex`` (full form, large inputs on CUDA): FlexAttention with a ``score_mod`` that computes the
-  decay from token indices, so neither the mask nor the score matrix is materialised.
+* ``flex`` (full form, explicit choice): FlexAttention with a ``score_mod`` that computes the decay
+  from token indices, so neither the mask nor the score matrix is materialised;
+* ``triton`` (both forms; 'auto' on CUDA): the fused kernels of :mod:`rmt.kernels`, which also apply
+  the theta shift and add LCE, so MaSA hands them the raw projections.
 """
 import functools
 from typing import Optional
@@ -31,18 +33,19 @@ from torch import nn
 from timm.layers import register_notrace_function, register_notrace_module
 from timm.models._manipulate import checkpoint
 
+from . import kernels
 from .decay import DecayTables, theta_shift
 
 __all__ = ['ATTN_IMPLS', 'MaSA', 'select_attn_impl', 'attention_reference', 'full_attention',
-           'decomposed_attention', 'needs_2d_mask', 'set_attn_budget']
+           'decomposed_attention', 'needs_2d_mask', 'table_dtype', 'set_attn_budget']
 
-ATTN_IMPLS = ('auto', 'reference', 'sdpa', 'bmm', 'blocked', 'flex')
+ATTN_IMPLS = ('auto', 'reference', 'sdpa', 'bmm', 'blocked', 'flex', 'triton')
 
 # Above this many bytes for one (n, HW, HW) decay mask, full-attention stages stop materialising it.
 _MASK_BUDGET_BYTES = 64 * 2 ** 20
 # The blocked path sizes each query block's slice of the mask to this.
 _BLOCK_BYTES = 32 * 2 ** 20
-# On CUDA, full attention over at least this many tokens uses FlexAttention when available.
+# Without Triton, full attention over at least this many tokens on CUDA uses FlexAttention.
 _FLEX_MIN_TOKENS = 1024
 # On CPU, float32/64 attention over at most this many tokens per sequence uses the ``bmm`` path.
 _BMM_MAX_TOKENS = 32
@@ -104,11 +107,28 @@ def _by_size(decomposed: bool, num_heads: int, height: int, width: int, x: torch
 
 
 @torch.jit.unused
+def _triton_fits(requested: str, num_heads: int, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels take this stage: always on CUDA when they support the shape and dtype,
+    on the CPU only when forced (under Triton's interpreter); never in export or tracing, which keep
+    the graph to standard operators."""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return False
+    if requested == 'auto' and x.device.type != 'cuda':
+        return False
+    return kernels.supports(x, x.shape[-1] // num_heads)
+
+
+def _flex_fits(num_heads: int, x: torch.Tensor) -> bool:
+    """FlexAttention's compiled kernels need heads of at least 16 channels."""
+    return x.shape[-1] // num_heads >= 16
+
+
+@torch.jit.unused
 def _auto_impl(decomposed: bool, num_heads: int, height: int, width: int, x: torch.Tensor) -> str:
     if torch.compiler.is_exporting():
         return 'sdpa'  # no size-dependent branch in an exported graph
     if not decomposed and x.device.type == 'cuda' and height * width >= _FLEX_MIN_TOKENS \
-            and _flex_attention() is not None:
+            and _flex_attention() is not None and _flex_fits(num_heads, x):
         return 'flex'
     # under autocast q, k and v are half precision even when the stage input is not
     return _by_size(decomposed, num_heads, height, width, x, short_ok=not torch.is_autocast_enabled('cpu'))
@@ -120,15 +140,43 @@ def select_attn_impl(requested: str, decomposed: bool, num_heads: int, x: torch.
 
     ``requested`` is one of :data:`ATTN_IMPLS`; 'auto' picks by device, dtype and sequence length
     (a decomposed stage's sequences are its rows and columns). Decomposed stages never build an
-    (HW x HW) tensor, so for them ``blocked`` and ``flex`` mean ``sdpa``.
+    (HW x HW) tensor, so for them ``blocked`` and ``flex`` mean ``sdpa``. Where ``triton`` or ``flex``
+    cannot run (no Triton, an unsupported head size or dtype, export), another exact path takes over.
     """
     if requested == 'reference' or requested == 'bmm':
         return requested
+    if not torch.jit.is_scripting() and (requested == 'auto' or requested == 'triton') \
+            and _triton_fits(requested, num_heads, x):
+        return 'triton'
+    if requested == 'triton':
+        requested = 'auto'
+    if requested == 'flex' and not _flex_fits(num_heads, x):
+        requested = 'blocked'
     if requested != 'auto':
         return 'sdpa' if decomposed else requested
     if torch.jit.is_scripting():
         return _by_size(decomposed, num_heads, x.shape[1], x.shape[2], x, True)
     return _auto_impl(decomposed, num_heads, x.shape[1], x.shape[2], x)
+
+
+@register_notrace_function
+def table_dtype(impl: str, x: torch.Tensor) -> torch.dtype:
+    """The dtype of the position tables for ``impl`` on a stage input ``x``: float32 for the Triton kernels
+    (they compute in float32 and read the tables as they are); under autocast the dtype q and k will
+    have, so the other paths cast nothing per layer; else ``x``'s."""
+    if impl == 'triton':
+        return torch.float32
+    if not torch.jit.is_scripting():
+        return _autocast_dtype(x)
+    return x.dtype
+
+
+@torch.jit.unused
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 @register_notrace_function
@@ -305,6 +353,8 @@ class MaSA(nn.Module):
         # three projections rather than one fused: contiguous outputs, and no slower
         q, k, v = self.q(x), self.k(x), self.v(x)
         lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if impl == 'triton':
+            return self.proj(self._fused(q, k, v, lce, tables))
         shape = (B, H, W, self.num_heads, self.head_dim)
         q, k, v = theta_shift(q.view(shape), tables), theta_shift(k.view(shape), tables), v.view(shape)
         if self.decomposed:
@@ -314,6 +364,13 @@ class MaSA(nn.Module):
         # in place: the sum keeps the conv output's (B, H, W, C) layout and reads ``out`` in whatever
         # layout the attention kernel left it, with no copy
         return self.proj(lce.unflatten(-1, (self.num_heads, self.head_dim)).add_(out).flatten(-2))
+
+    @torch.jit.unused
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: torch.Tensor,
+               tables: DecayTables) -> torch.Tensor:
+        """Theta shift, decayed attention and the LCE add in the Triton kernels."""
+        return kernels.masa_attention(q, k, v, lce, tables.rotation, tables.decay, self.scale, self.num_heads,
+                                      self.decomposed)
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, decomposed={self.decomposed}'

@@ -12,7 +12,7 @@ from torch import nn
 from timm.layers import DropPath, LayerScale
 from timm.models._manipulate import checkpoint
 
-from .attention import MaSA, needs_2d_mask, select_attn_impl
+from .attention import MaSA, needs_2d_mask, select_attn_impl, table_dtype
 from .decay import DecayTables, SpatialDecay
 
 __all__ = ['Stem', 'Downsample', 'DWConv', 'FFN', 'RMTBlock', 'RMTStage']
@@ -152,7 +152,8 @@ class RMTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         impl = select_attn_impl(self.attn_impl, self.decomposed, self.num_heads, x)
-        tables = self.decay(x.shape[1], x.shape[2], x, needs_2d_mask(impl, self.decomposed))
+        tables = self.decay(x.shape[1], x.shape[2], x.device, table_dtype(impl, x),
+                            needs_2d_mask(impl, self.decomposed))
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, impl, tables)

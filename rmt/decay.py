@@ -25,7 +25,7 @@ class DecayTables(NamedTuple):
     """Everything a stage's blocks need from the position of their tokens."""
     sin: torch.Tensor       # (H, W, 1, d) sin(p * a) with the pair rotation's sign folded in
     cos: torch.Tensor       # (H, W, 1, d) cos(p * a)
-    rotation: torch.Tensor  # (H, W, 1, d/2) complex exp(i p a) for float32/64 tables, else empty
+    rotation: torch.Tensor  # (H, W, 1, d/2, 2) (cos, sin)(p * a) pairs for float32/64 tables, else empty
     decay: torch.Tensor     # (n,) per-head log decay, float32
     mask_h: torch.Tensor    # (n, H, H) decay * |i - i'|
     mask_w: torch.Tensor    # (n, W, W) decay * |j - j'|
@@ -88,7 +88,7 @@ def theta_shift(x: torch.Tensor, tables: DecayTables) -> torch.Tensor:
     """
     if not torch.jit.is_scripting() and _use_complex(x, tables.rotation):
         pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-        return torch.view_as_real(pairs * tables.rotation).flatten(-2)
+        return torch.view_as_real(pairs * torch.view_as_complex(tables.rotation)).flatten(-2)
     return theta_shift_reference(x, tables.sin.to(x.dtype), tables.cos.to(x.dtype))
 
 
@@ -100,7 +100,7 @@ def theta_shift_reference(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor)
 
 @torch.jit.unused
 def _use_complex(x: torch.Tensor, rotation: torch.Tensor) -> bool:
-    return rotation.numel() > 0 and x.dtype == rotation.real.dtype and x.stride(-1) == 1 \
+    return rotation.numel() > 0 and x.dtype == rotation.dtype and x.stride(-1) == 1 \
         and not torch.compiler.is_exporting()
 
 
@@ -129,7 +129,7 @@ class SpatialDecay(nn.Module):
         decay = decay_rates(self.num_heads, self.init_value, self.heads_range)
         sin, cos = rotary_tables(rotary_angles(self.head_dim), H, W, device, dtype)
         if dtype == torch.float32 or dtype == torch.float64:
-            rotation = torch.complex(cos[..., 0::2], sin[..., 1::2])
+            rotation = torch.stack((cos[..., 0::2], sin[..., 1::2]), dim=-1)
         else:
             rotation = torch.empty(0, device=device, dtype=dtype)
         mask_h, mask_w = decay_masks_1d(decay, H, W, device, dtype)
@@ -139,10 +139,10 @@ class SpatialDecay(nn.Module):
             mask_2d = torch.empty(0, device=device, dtype=dtype)
         return DecayTables(sin, cos, rotation, decay.to(device), mask_h, mask_w, mask_2d)
 
-    def forward(self, H: int, W: int, like: torch.Tensor, with_2d: bool) -> DecayTables:
+    def forward(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> DecayTables:
         if torch.jit.is_scripting():
-            return self.build(H, W, like.device, like.dtype, with_2d)
-        return self._cached(H, W, like.device, like.dtype, with_2d)
+            return self.build(H, W, device, dtype, with_2d)
+        return self._cached(H, W, device, dtype, with_2d)
 
     @torch.jit.unused
     def _cached(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> DecayTables:

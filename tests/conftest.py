@@ -1,12 +1,16 @@
 """Shared fixtures: the released-format reference files and a small RMT built from their config."""
 import json
+import os
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
-import rmt
+if not torch.cuda.is_available():  # check the Triton kernels in Triton's CPU interpreter
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import timm  # noqa: E402
+import rmt  # noqa: E402
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 SMALL_CHECKPOINT = FIXTURES / 'official_small_checkpoint.pth'

@@ -50,10 +50,17 @@ def test_theta_shift_rotates_consecutive_pairs():
                           atol=1e-6)
 
 
+def test_rotation_table_holds_cos_sin_pairs_of_each_frequency():
+    H, W, d = 3, 4, 8
+    tables = tables_for(H, W, n=1, d=d)
+    phase = torch.arange(H * W, dtype=torch.float32).reshape(H, W, 1, 1) * rotary_angles(d)[0::2]
+    assert tables.rotation.shape == (H, W, 1, d // 2, 2)
+    assert torch.allclose(tables.rotation, torch.stack((phase.cos(), phase.sin()), -1), atol=1e-6)
+
+
 def test_complex_theta_shift_matches_reference():
     tables = tables_for(5, 6, n=2, d=8)
     x = torch.randn(2, 5, 6, 2, 8)
-    assert tables.rotation.is_complex()
     assert torch.allclose(theta_shift(x, tables), theta_shift_reference(x, tables.sin, tables.cos), atol=1e-6)
 
 
@@ -153,27 +160,26 @@ def test_auto_dispatch_picks_bmm_for_short_float_sequences_on_cpu():
 
 def test_tables_are_built_once_per_size_and_dtype():
     decay = SpatialDecay(16, 2, 2, 4)
-    x = torch.empty(1, 6, 5, 16)
-    first = decay(6, 5, x, True)
-    assert decay(6, 5, x, True) is first
-    assert decay(6, 5, x.double(), True).sin.dtype == torch.float64
-    assert decay(6, 4, x, True).sin.shape[:2] == (6, 4)
+    cpu = torch.device('cpu')
+    first = decay(6, 5, cpu, torch.float32, True)
+    assert decay(6, 5, cpu, torch.float32, True) is first
+    assert decay(6, 5, cpu, torch.float64, True).sin.dtype == torch.float64
+    assert decay(6, 4, cpu, torch.float32, True).sin.shape[:2] == (6, 4)
 
 
 def test_tables_from_inference_mode_are_not_reused_for_training():
     decay = SpatialDecay(16, 2, 2, 4)
-    x = torch.empty(1, 3, 3, 16)
+    cpu = torch.device('cpu')
     with torch.inference_mode():
-        inference_tables = decay(3, 3, x, True)
-    train_tables = decay(3, 3, x, True)
+        inference_tables = decay(3, 3, cpu, torch.float32, True)
+    train_tables = decay(3, 3, cpu, torch.float32, True)
     assert inference_tables.sin.is_inference() and not train_tables.sin.is_inference()
 
 
 def test_table_cache_is_bounded():
     decay = SpatialDecay(16, 2, 2, 4)
-    x = torch.empty(1, 1, 1, 16)
     for size in range(1, 20):
-        decay(size, size, x, False)
+        decay(size, size, torch.device('cpu'), torch.float32, False)
     assert len(decay._cache) == SpatialDecay.cache_size
 
 
