@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import DropPath, LayerScale
+from timm.layers import DropPath, LayerScale, register_notrace_module
+from timm.layers.fast_norm import fast_layer_norm
 from timm.models._manipulate import checkpoint
 
 from .attention import MaSA, needs_2d_mask, select_attn_impl, table_dtype
 from .decay import DecayTables, SpatialDecay
 
-__all__ = ['Stem', 'Downsample', 'DWConv', 'FFN', 'RMTBlock', 'RMTStage']
+__all__ = ['Stem', 'Downsample', 'DWConv', 'FFN', 'LayerNorm', 'RMTBlock', 'RMTStage']
 
 
 class Stem(nn.Module):
@@ -89,6 +90,23 @@ class FFN(nn.Module):
         return self.fc2(x)
 
 
+@register_notrace_module
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over channels that keeps autocast's dtype.
+
+    Under autocast, PyTorch runs LayerNorm in float32: it copies its half-precision input up and the
+    next Linear copies the output back down, and the float32 copy is what backward keeps. timm's
+    ``fast_layer_norm`` reads and writes the autocast dtype and accumulates in float32 inside the kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class RMTBlock(nn.Module):
     """CPE, then MaSA and FFN, each pre-norm with optional LayerScale and DropPath."""
 
@@ -103,11 +121,11 @@ class RMTBlock(nn.Module):
     ):
         super().__init__()
         self.cpe = DWConv(dim)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = MaSA(dim, num_heads, decomposed)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.ffn = FFN(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
