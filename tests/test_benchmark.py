@@ -23,22 +23,38 @@ def test_resolution_sweep_reports_parts_and_growth_of_decomposed_stages(tmp_path
     assert rows[0]['decomposed'] == 'True;True;False;False'
 
 
-def _row(model, mode, img_per_s, peak_mib):
-    return dict(model=model, mode=mode, size='224', img_per_s=img_per_s, peak_mib=peak_mib)
+def _row(model, mode, img_per_s, total_mib, size='224'):
+    return dict(model=model, mode=mode, size=size, img_per_s=img_per_s, ms_per_img=1000 / img_per_s,
+                peak_mib=total_mib - 100, total_mib=total_mib)
 
 
-def test_targets_compare_rmt_s_with_swin_t(capsys):
+def test_cpu_targets_compare_rmt_s_with_swin_t(capsys):
     swin = 'swin_tiny_patch4_window7_224'
     benchmark.print_targets([
-        _row('rmt_s', 'infer', 12.0, 100.0), _row(swin, 'infer', 10.0, 100.0),
-        _row('rmt_s', 'train', 3.0, 1200.0), _row(swin, 'train', 4.0, 1000.0),
-    ])
+        _row('rmt_s', 'infer', 12.0, 200.0), _row(swin, 'infer', 10.0, 200.0),
+        _row('rmt_s', 'train', 3.0, 1300.0), _row(swin, 'train', 4.0, 1100.0),
+    ], 'cpu')
     out = capsys.readouterr().out
     assert '| rmt_s infer images/s vs Swin-T | 1.20x | >= 1.00x | yes |' in out
     assert '| rmt_s train images/s vs Swin-T | 0.75x | >= 1.00x | NO |' in out
     assert '| rmt_s train peak memory vs Swin-T | 1.20x | <= 1.10x | NO |' in out
 
 
+def test_gpu_targets_compare_with_swin_b_swin_t_and_rmt_t_at_1536(capsys):
+    swin_t, swin_b = 'swin_tiny_patch4_window7_224', 'swin_base_patch4_window7_224'
+    benchmark.print_targets([
+        _row('rmt_s', 'train', 1000.0, 12000.0), _row(swin_b, 'train', 900.0, 19000.0),
+        _row(swin_t, 'train', 2000.0, 10000.0),
+        _row('rmt_s', 'infer', 20.0, 1000.0, '1536'), _row('rmt_t', 'infer', 15.0, 800.0, '1536'),
+    ], 'cuda:0')
+    out = capsys.readouterr().out
+    assert '| rmt_s train images/s vs Swin-B | 1.11x | >= 1.00x | yes |' in out
+    assert '| rmt_s train peak memory vs Swin-T | 1.20x | <= 1.30x | yes |' in out
+    assert '| rmt_s train images/s vs Swin-T (equal FLOPs) | 0.50x | >= 1.00x | NO |' in out
+    assert '| rmt_t infer time vs rmt_s at 1536 px | 1.33x | <= 1.20x | NO |' in out
+    assert 'rmt_s infer images/s vs Swin-B' not in out  # Swin-B inference not measured
+
+
 def test_targets_are_not_printed_without_both_models(capsys):
-    benchmark.print_targets([_row('rmt_s', 'infer', 12.0, 100.0)])
+    benchmark.print_targets([_row('rmt_s', 'infer', 12.0, 100.0)], 'cuda')
     assert 'Targets' not in capsys.readouterr().out
