@@ -93,16 +93,24 @@ if triton is not None:
         return row[:, None] * C + head * D + e[None, :], valid[:, None] & (e[None, :] < D)
 
     @triton.jit
-    def _rotate(x, ROT, pos, valid, D, BLOCK: tl.constexpr, D_PAD: tl.constexpr, INVERSE: tl.constexpr):
-        """Theta shift of (BLOCK, D_PAD) float32 rows at raster positions ``pos``: each pair (x0, x1) becomes
-        (x0 cos - x1 sin, x1 cos + x0 sin); ``INVERSE`` rotates back (the shift's transpose, for gradients)."""
+    def _rotation(ROT, pos, valid, D, D_PAD: tl.constexpr):
+        """(cos, sin) of every frequency at raster positions ``pos``, each (len(pos), D_PAD / 2)."""
         t = tl.arange(0, D_PAD // 2)
         ptr = ROT + pos[:, None, None] * D + t[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-        cos, sin = tl.split(tl.load(ptr, mask=valid[:, None, None] & (t[None, :, None] < D // 2), other=0.))
+        return tl.split(tl.load(ptr, mask=valid[:, None, None] & (t[None, :, None] < D // 2), other=0.))
+
+    @triton.jit
+    def _rotate(x, cos, sin, BLOCK: tl.constexpr, D_PAD: tl.constexpr, INVERSE: tl.constexpr):
+        """Theta shift of (BLOCK, D_PAD) float32 rows: each pair (x0, x1) becomes (x0 cos - x1 sin,
+        x1 cos + x0 sin); ``INVERSE`` rotates back (the shift's transpose, for gradients)."""
         if INVERSE:
             sin = -sin
         x0, x1 = tl.split(tl.reshape(x, (BLOCK, D_PAD // 2, 2)))
         return tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (BLOCK, D_PAD))
+
+    @triton.jit
+    def _load_rotated(ptr, offs, mask, cos, sin, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+        return _rotate(tl.load(ptr + offs, mask=mask, other=0.).to(tl.float32), cos, sin, BLOCK, D_PAD, False)
 
     @triton.jit
     def _decay_bias(t_q, t_k, slope, IMG_W, DIST2D: tl.constexpr):
@@ -120,8 +128,10 @@ if triton is not None:
             Q, K, V, RES, O, LSE, ROT, DECAY,
             L, SEQS, PACK, N_INNER, HW, C, NUM_HEADS, D, IMG_W, SEQ_POS, TOK_POS, M_BLOCKS, qk_scale,
             D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST2D: tl.constexpr,
-            HAS_RES: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr,
+            SINGLE: tl.constexpr, HAS_RES: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr,
     ):
+        """Attention of one block of queries; ``SINGLE``: the program's packed sequences fit one tile, whose
+        keys are its queries, so their tokens, rotation and loads are shared."""
         pid = tl.program_id(0)
         head = pid % NUM_HEADS
         m_block = (pid // NUM_HEADS) % M_BLOCKS
@@ -132,19 +142,21 @@ if triton is not None:
         valid_q, g_q, t_q, pos_q, row_q = _tokens(
             m_block * BLOCK_M + tl.arange(0, BLOCK_M), group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS)
         offs_q, mask_q = _offsets(row_q, valid_q, C, head, D, D_PAD)
-        q = _rotate(tl.load(Q + offs_q, mask=mask_q, other=0.).to(tl.float32), ROT, pos_q, valid_q, D,
-                    BLOCK_M, D_PAD, False)
-        q = (q * qk_scale).to(dtype)
+        cos_q, sin_q = _rotation(ROT, pos_q, valid_q, D, D_PAD)
+        q = (_load_rotated(Q, offs_q, mask_q, cos_q, sin_q, BLOCK_M, D_PAD) * qk_scale).to(dtype)
 
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         for start in range(0, PACK * L, BLOCK_N):
-            valid_k, g_k, t_k, pos_k, row_k = _tokens(
-                start + tl.arange(0, BLOCK_N), group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS)
-            offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-            k = _rotate(tl.load(K + offs_k, mask=mask_k, other=0.).to(tl.float32), ROT, pos_k, valid_k, D,
-                        BLOCK_N, D_PAD, False).to(dtype)
+            if SINGLE:
+                valid_k, g_k, t_k, offs_k, mask_k, cos_k, sin_k = valid_q, g_q, t_q, offs_q, mask_q, cos_q, sin_q
+            else:
+                valid_k, g_k, t_k, pos_k, row_k = _tokens(
+                    start + tl.arange(0, BLOCK_N), group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS)
+                offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
+                cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
+            k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(dtype)
             v = tl.load(V + offs_k, mask=mask_k, other=0.)
             s = _dot(q, tl.trans(k), IEEE) + _decay_bias(t_q, t_k, slope, IMG_W, DIST2D)
             s = tl.where((g_q[:, None] == g_k[None, :]) & valid_k[None, :], s, float('-inf'))
@@ -179,9 +191,9 @@ if triton is not None:
 
         valid, g, t, pos, row = _tokens(tl.arange(0, BLOCK), group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS)
         offs, mask = _offsets(row, valid, C, head, D, D_PAD)
-        q = _rotate(tl.load(Q + offs, mask=mask, other=0.).to(tl.float32), ROT, pos, valid, D, BLOCK, D_PAD, False)
-        k = _rotate(tl.load(K + offs, mask=mask, other=0.).to(tl.float32), ROT, pos, valid, D, BLOCK, D_PAD,
-                    False).to(dtype)
+        cos, sin = _rotation(ROT, pos, valid, D, D_PAD)
+        q = _load_rotated(Q, offs, mask, cos, sin, BLOCK, D_PAD)
+        k = _load_rotated(K, offs, mask, cos, sin, BLOCK, D_PAD).to(dtype)
         v = tl.load(V + offs, mask=mask, other=0.)
         do = tl.load(DO + offs, mask=mask, other=0.).to(dtype)
 
@@ -194,8 +206,8 @@ if triton is not None:
         delta = tl.sum(do.to(tl.float32) * _dot(p_lo, v, IEEE), 1)
         ds = (p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])).to(dtype)
         dv = _dot(tl.trans(p_lo), do, IEEE)
-        dq = _rotate(_dot(ds, k, IEEE) * scale, ROT, pos, valid, D, BLOCK, D_PAD, True)
-        dk = _rotate(_dot(tl.trans(ds), q.to(dtype), IEEE) * scale, ROT, pos, valid, D, BLOCK, D_PAD, True)
+        dq = _rotate(_dot(ds, k, IEEE) * scale, cos, sin, BLOCK, D_PAD, True)
+        dk = _rotate(_dot(tl.trans(ds), q.to(dtype), IEEE) * scale, cos, sin, BLOCK, D_PAD, True)
         if ACCUMULATE:
             dq += tl.load(DQ + offs, mask=mask, other=0.).to(tl.float32)
             dk += tl.load(DK + offs, mask=mask, other=0.).to(tl.float32)
@@ -222,9 +234,8 @@ if triton is not None:
         valid_q, g_q, t_q, pos_q, row_q = _tokens(
             m_block * BLOCK_M + tl.arange(0, BLOCK_M), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
         offs_q, mask_q = _offsets(row_q, valid_q, C, head, D, D_PAD)
-        q = _rotate(tl.load(Q + offs_q, mask=mask_q, other=0.).to(tl.float32), ROT, pos_q, valid_q, D,
-                    BLOCK_M, D_PAD, False)
-        q = (q * qk_scale).to(dtype)
+        cos_q, sin_q = _rotation(ROT, pos_q, valid_q, D, D_PAD)
+        q = (_load_rotated(Q, offs_q, mask_q, cos_q, sin_q, BLOCK_M, D_PAD) * qk_scale).to(dtype)
         do = tl.load(DO + offs_q, mask=mask_q, other=0.).to(dtype)
         lse = tl.load(LSE + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
 
@@ -233,8 +244,8 @@ if triton is not None:
             valid_k, g_k, t_k, pos_k, row_k = _tokens(
                 start + tl.arange(0, BLOCK_N), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
             offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-            k = _rotate(tl.load(K + offs_k, mask=mask_k, other=0.).to(tl.float32), ROT, pos_k, valid_k, D,
-                        BLOCK_N, D_PAD, False).to(dtype)
+            cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
+            k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(dtype)
             v = tl.load(V + offs_k, mask=mask_k, other=0.)
             s = _dot(q, tl.trans(k), IEEE) + _decay_bias(t_q, t_k, slope, IMG_W, DIST2D)
             p = tl.exp2(tl.where(valid_k[None, :], s, float('-inf')) - lse[:, None])
@@ -247,14 +258,14 @@ if triton is not None:
             valid_k, g_k, t_k, pos_k, row_k = _tokens(
                 start + tl.arange(0, BLOCK_N), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
             offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-            k = _rotate(tl.load(K + offs_k, mask=mask_k, other=0.).to(tl.float32), ROT, pos_k, valid_k, D,
-                        BLOCK_N, D_PAD, False).to(dtype)
+            cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
+            k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(dtype)
             v = tl.load(V + offs_k, mask=mask_k, other=0.)
             s = _dot(q, tl.trans(k), IEEE) + _decay_bias(t_q, t_k, slope, IMG_W, DIST2D)
             p = tl.exp2(tl.where(valid_k[None, :], s, float('-inf')) - lse[:, None])
             ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dq += _dot(ds.to(dtype), k, IEEE)
-        dq = _rotate(dq * scale, ROT, pos_q, valid_q, D, BLOCK_M, D_PAD, True)
+        dq = _rotate(dq * scale, cos_q, sin_q, BLOCK_M, D_PAD, True)
         if ACCUMULATE:
             dq += tl.load(DQ + offs_q, mask=mask_q, other=0.).to(tl.float32)
         tl.store(DQ + offs_q, dq.to(DQ.dtype.element_ty), mask=mask_q)
@@ -277,8 +288,8 @@ if triton is not None:
         valid_k, g_k, t_k, pos_k, row_k = _tokens(
             n_block * BLOCK_N + tl.arange(0, BLOCK_N), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
         offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-        k = _rotate(tl.load(K + offs_k, mask=mask_k, other=0.).to(tl.float32), ROT, pos_k, valid_k, D,
-                    BLOCK_N, D_PAD, False).to(dtype)
+        cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
+        k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(dtype)
         v = tl.load(V + offs_k, mask=mask_k, other=0.)
 
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
@@ -287,8 +298,7 @@ if triton is not None:
             valid_q, g_q, t_q, pos_q, row_q = _tokens(
                 start + tl.arange(0, BLOCK_M), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
             offs_q, mask_q = _offsets(row_q, valid_q, C, head, D, D_PAD)
-            q = _rotate(tl.load(Q + offs_q, mask=mask_q, other=0.).to(tl.float32), ROT, pos_q, valid_q, D,
-                        BLOCK_M, D_PAD, False)
+            q = _load_rotated(Q, offs_q, mask_q, *_rotation(ROT, pos_q, valid_q, D, D_PAD), BLOCK_M, D_PAD)
             do = tl.load(DO + offs_q, mask=mask_q, other=0.).to(dtype)
             lse = tl.load(LSE + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
             delta = tl.load(DELTA + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
@@ -297,7 +307,7 @@ if triton is not None:
             dv += _dot(p_t.to(dtype), do, IEEE)
             ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
             dk += _dot(ds_t.to(dtype), q.to(dtype), IEEE)
-        dk = _rotate(dk * scale, ROT, pos_k, valid_k, D, BLOCK_N, D_PAD, True)
+        dk = _rotate(dk * scale, cos_k, sin_k, BLOCK_N, D_PAD, True)
         if ACCUMULATE:
             dk += tl.load(DK + offs_k, mask=mask_k, other=0.).to(tl.float32)
         tl.store(DK + offs_k, dk.to(DK.dtype.element_ty), mask=mask_k)
@@ -338,17 +348,18 @@ def _packing(length: int, seqs: int) -> Tuple[int, int]:
 def _forward_pass(q, k, v, res, out, lse, rotation, decay, scale, num_heads, mode):
     args, consts = _common(q, num_heads, mode)
     L, seqs = args['L'], args['SEQS']
-    if _looped(L):
-        pack, block_m, block_n = 1, BLOCK_M, BLOCK_N
-    else:
+    single = not _looped(L)
+    if single:
         pack, block_m = _packing(L, seqs)
         block_n = block_m
+    else:
+        pack, block_m, block_n = 1, BLOCK_M, BLOCK_N
     m_blocks = triton.cdiv(pack * L, block_m)
     grid = (num_heads * m_blocks * triton.cdiv(seqs, pack),)
     _fwd_kernel[grid](
         q, k, v, out if res is None else res, out, out if lse is None else lse, rotation, decay,
         PACK=pack, M_BLOCKS=m_blocks, qk_scale=scale * _LOG2E, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_RES=res is not None, STORE_LSE=lse is not None, num_warps=NUM_WARPS, **args, **consts)
+        SINGLE=single, HAS_RES=res is not None, STORE_LSE=lse is not None, num_warps=NUM_WARPS, **args, **consts)
 
 
 def _backward_pass(q, k, v, do, dq, dk, dv, lse, rotation, decay, scale, num_heads, mode, accumulate):
@@ -441,9 +452,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad, _grad_rows, _grad_lse):
-    q, k, v, rows, lse, rotation, decay = ctx.saved_tensors
-    grad = grad.contiguous()
-    dq, dk, dv = _masa_backward(grad, q, k, v, rows, lse, rotation, decay, *ctx.config)
+    dq = dk = dv = None
+    if any(ctx.needs_input_grad[:3]):
+        q, k, v, rows, lse, rotation, decay = ctx.saved_tensors
+        dq, dk, dv = _masa_backward(grad.contiguous(), q, k, v, rows, lse, rotation, decay, *ctx.config)
     return dq, dk, dv, grad, None, None, None, None, None, None
 
 
@@ -461,7 +473,8 @@ def masa_attention(
     Decomposed: along rows, then columns of the row result; else full attention over all H * W tokens.
     """
     keep_stats = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    out, _, _ = _masa(q.contiguous(), k.contiguous(), v.contiguous(), lce.to(q.dtype).contiguous(),
+    lce = lce.to(q.dtype)
+    out, _, _ = _masa(q.contiguous(), k.contiguous(), v.contiguous(), lce.contiguous(),
                       rotation.contiguous(), decay.contiguous(), float(scale), int(num_heads), bool(decomposed),
                       keep_stats)
     return out

@@ -157,6 +157,28 @@ def test_tracing_keeps_standard_operators():
     torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@needs_kernels
+def test_lce_alone_gets_its_gradient():
+    q, k, v, lce = inputs(1, 3, 70, 16)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out = fused(q, k, v, lce, tables_for(3, 70, 1, 16), 1, True)
+    (grad,) = torch.autograd.grad(out, lce, torch.ones_like(out))
+    torch.testing.assert_close(grad, torch.ones_like(lce))
+
+
+@needs_kernels
+def test_torchscript_and_export_of_a_triton_model_take_the_standard_paths():
+    model = load_small().to(DEVICE)
+    model.set_attn_impl('triton')
+    x = torch.randn(1, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), want, rtol=1e-4, atol=1e-5)
+        exported = torch.export.export(model, (x,))
+    assert 'rmt.masa' not in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), want, rtol=1e-4, atol=1e-5)
+
+
 def test_flex_with_heads_under_16_channels_takes_the_blocked_path():
     assert select_attn_impl('flex', False, 4, torch.empty(1, 8, 8, 48)) == 'blocked'
     assert select_attn_impl('flex', False, 2, torch.empty(1, 8, 8, 48)) == 'flex'
