@@ -11,10 +11,11 @@ LCE output, all (B, H, W, C) channels-last as the Linear layers write them:
 * the last pass adds the LCE output as it stores, so ``proj`` reads the sum directly.
 
 Sequences no longer than ``TILE`` tokens are packed, several to a program, into one tile whose
-off-diagonal blocks are masked; the backward pass recomputes that tile's softmax in registers and
-needs nothing saved but q, k, v and the row-pass output. Longer sequences (full attention at
-detection sizes, rows of large images) loop over key blocks with an online softmax, save the
-log-sum-exp, and run a two-kernel backward (dq, then dk and dv); no (L x L) tensor exists.
+off-diagonal blocks are masked; the backward pass recomputes that tile's softmax in registers. Longer
+sequences (full attention at detection sizes, rows of large images) loop over key blocks with an
+online softmax, save the log-sum-exp, and run a two-kernel backward (dq, then dk and dv); no (L x L)
+tensor exists. Backward keeps only q, k and v (and those statistics): decomposed MaSA reruns its row
+pass rather than keeping the row result, one tensor less per block for a fraction of the backward.
 
 The op is a ``torch.library`` custom op with a fake implementation and autograd through the
 backward kernels, so ``torch.compile(fullgraph=True)`` captures it. Triton is optional: without
@@ -391,46 +392,49 @@ def _stats_shape(q: torch.Tensor, num_heads: int, decomposed: bool, keep_stats: 
     return (2 if decomposed else 1, B * H * W, num_heads)
 
 
+def _row_pass(q, k, v, stats, rotation, decay, scale, num_heads):
+    """The first pass of decomposed MaSA, attention along every row, into a new tensor."""
+    rows = torch.empty_like(q)
+    _forward_pass(q, k, v, None, rows, stats if _looped(q.shape[2]) else None, rotation, decay, scale, num_heads,
+                  'row')
+    return rows
+
+
 @torch.library.custom_op('rmt::masa', mutates_args=())
 def _masa(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: torch.Tensor, rotation: torch.Tensor,
         decay: torch.Tensor, scale: float, num_heads: int, decomposed: bool, keep_stats: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(attention + lce, the row-pass output of decomposed MaSA, the log-sum-exp of looped passes)."""
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(attention + lce, the log-sum-exp of looped passes when ``keep_stats``)."""
     if triton is None:
         raise RuntimeError('rmt::masa needs Triton, which this torch build does not include')
     out = torch.empty_like(q)
     lse = q.new_empty(_stats_shape(q, num_heads, decomposed, keep_stats), dtype=torch.float32)
     stats = [None, None] if lse.numel() == 0 else [lse[0], lse[-1]]
-    B, H, W, _ = q.shape
     if decomposed:
-        rows = torch.empty_like(q)
-        _forward_pass(q, k, v, None, rows, stats[0] if _looped(W) else None, rotation, decay, scale, num_heads, 'row')
-        _forward_pass(q, k, rows, lce, out, stats[1] if _looped(H) else None, rotation, decay, scale, num_heads,
-                      'col')
+        rows = _row_pass(q, k, v, stats[0], rotation, decay, scale, num_heads)
+        _forward_pass(q, k, rows, lce, out, stats[1] if _looped(q.shape[1]) else None, rotation, decay, scale,
+                      num_heads, 'col')
     else:
-        rows = q.new_empty(0)
         _forward_pass(q, k, v, lce, out, stats[0], rotation, decay, scale, num_heads, 'full')
-    return out, rows, lse
+    return out, lse
 
 
 @_masa.register_fake
 def _(q, k, v, lce, rotation, decay, scale, num_heads, decomposed, keep_stats):
-    rows = torch.empty_like(q) if decomposed else q.new_empty(0)
-    return torch.empty_like(q), rows, q.new_empty(_stats_shape(q, num_heads, decomposed, keep_stats),
-                                                   dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(_stats_shape(q, num_heads, decomposed, keep_stats), dtype=torch.float32)
 
 
 @torch.library.custom_op('rmt::masa_backward', mutates_args=())
 def _masa_backward(
-        grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-        lse: torch.Tensor, rotation: torch.Tensor, decay: torch.Tensor, scale: float, num_heads: int,
-        decomposed: bool,
+        grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+        rotation: torch.Tensor, decay: torch.Tensor, scale: float, num_heads: int, decomposed: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k and v (before the theta shift) from the gradient of the op's output."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     stats = [None, None] if lse.numel() == 0 else [lse[0], lse[-1]]
     if decomposed:
+        rows = _row_pass(q, k, v, stats[0], rotation, decay, scale, num_heads)
         d_rows = torch.empty_like(rows)
         _backward_pass(q, k, rows, grad, dq, dk, d_rows, stats[1], rotation, decay, scale, num_heads, 'col', False)
         _backward_pass(q, k, v, d_rows, dq, dk, dv, stats[0], rotation, decay, scale, num_heads, 'row', True)
@@ -440,22 +444,22 @@ def _masa_backward(
 
 
 @_masa_backward.register_fake
-def _(grad, q, k, v, rows, lse, rotation, decay, scale, num_heads, decomposed):
+def _(grad, q, k, v, lse, rotation, decay, scale, num_heads, decomposed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, _lce, rotation, decay, scale, num_heads, decomposed, _keep = inputs
-    _out, rows, lse = output
-    ctx.save_for_backward(q, k, v, rows, lse, rotation, decay)
+    _out, lse = output
+    ctx.save_for_backward(q, k, v, lse, rotation, decay)
     ctx.config = (scale, num_heads, decomposed)
 
 
-def _backward(ctx, grad, _grad_rows, _grad_lse):
+def _backward(ctx, grad, _grad_lse):
     dq = dk = dv = None
     if any(ctx.needs_input_grad[:3]):
-        q, k, v, rows, lse, rotation, decay = ctx.saved_tensors
-        dq, dk, dv = _masa_backward(grad.contiguous(), q, k, v, rows, lse, rotation, decay, *ctx.config)
+        q, k, v, lse, rotation, decay = ctx.saved_tensors
+        dq, dk, dv = _masa_backward(grad.contiguous(), q, k, v, lse, rotation, decay, *ctx.config)
     return dq, dk, dv, grad, None, None, None, None, None, None
 
 
@@ -474,7 +478,7 @@ def masa_attention(
     """
     keep_stats = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     lce = lce.to(q.dtype)
-    out, _, _ = _masa(q.contiguous(), k.contiguous(), v.contiguous(), lce.contiguous(),
+    out, _ = _masa(q.contiguous(), k.contiguous(), v.contiguous(), lce.contiguous(),
                       rotation.contiguous(), decay.contiguous(), float(scale), int(num_heads), bool(decomposed),
                       keep_stats)
     return out
