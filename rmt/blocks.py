@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import DropPath, LayerScale, register_notrace_module
+from timm.layers import DropPath, LayerScale, register_notrace_function, register_notrace_module
 from timm.layers.fast_norm import fast_layer_norm
 from timm.models._manipulate import checkpoint
 
@@ -54,23 +54,64 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
 
+class _GeluDWConv(torch.autograd.Function):
+    """``conv(GELU(x))`` that keeps only ``x`` for backward and recomputes the GELU there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return F.conv2d(F.gelu(x), weight, bias, padding=padding, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        pad, groups = ctx.padding, weight.shape[0]
+        grad_h, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, F.gelu(x), weight, [groups] if ctx.has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0],
+            groups, [True, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return torch.ops.aten.gelu_backward(grad_h, x), grad_weight, grad_bias, None
+
+
+@register_notrace_function
+def gelu_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
+    """Depthwise ``conv(GELU(x))`` of (B, C, H, W) ``x``. Under autograd only ``x`` is kept for backward,
+    not also ``GELU(x)``: the FFN's hidden activations are the largest tensors a block saves."""
+    if torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return F.conv2d(F.gelu(x), weight, bias, padding=padding, groups=weight.shape[0])
+    return _gelu_dwconv_keeping_input(x, weight, bias, padding)
+
+
+@torch.jit.unused
+def _gelu_dwconv_keeping_input(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               padding: int) -> torch.Tensor:
+    # cast as autocast would, so that backward sees the dtypes forward used
+    return _GeluDWConv.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding)
+
+
 class DWConv(nn.Module):
     """``x + DWConv3x3(x)`` (depthwise, with bias) on channels-last features, as one conv.
 
     The residual is folded into the kernel (its centre raised by 1): the same sum, without a
-    separate pass over memory for the add.
+    separate pass over memory for the add. With ``gelu_first`` it is ``GELU(x) + DWConv(GELU(x))``,
+    the FFN's activation and conv, computed by :func:`gelu_dwconv`.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3):
+    def __init__(self, dim: int, kernel_size: int = 3, gelu_first: bool = False):
         super().__init__()
+        self.gelu_first = gelu_first
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         identity = torch.zeros(dim, 1, kernel_size, kernel_size)
         identity[:, :, kernel_size // 2, kernel_size // 2] = 1
         self.register_buffer('identity', identity, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x.permute(0, 3, 1, 2), self.conv.weight + self.identity, self.conv.bias,
-                     padding=self.conv.padding, groups=self.conv.groups)
+        weight = self.conv.weight + self.identity
+        if self.gelu_first:
+            x = gelu_dwconv(x.permute(0, 3, 1, 2), weight, self.conv.bias, self.conv.padding[0])
+        else:
+            x = F.conv2d(x.permute(0, 3, 1, 2), weight, self.conv.bias, padding=self.conv.padding,
+                         groups=self.conv.groups)
         return x.permute(0, 2, 3, 1)
 
 
@@ -80,13 +121,11 @@ class FFN(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.dwconv = DWConv(hidden_dim)
+        self.dwconv = DWConv(hidden_dim, gelu_first=True)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.fc1(x))
-        x = self.dwconv(x)  # x + DWConv(x)
+        x = self.dwconv(self.fc1(x))  # GELU(x) + DWConv(GELU(x))
         return self.fc2(x)
 
 
