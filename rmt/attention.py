@@ -37,7 +37,7 @@ from . import kernels
 from .decay import DecayTables, theta_shift
 
 __all__ = ['ATTN_IMPLS', 'MaSA', 'select_attn_impl', 'attention_reference', 'full_attention',
-           'decomposed_attention', 'needs_2d_mask', 'table_dtype', 'set_attn_budget']
+           'decomposed_attention', 'needs_2d_mask', 'table_dtype', 'autocast_dtype', 'set_attn_budget']
 
 ATTN_IMPLS = ('auto', 'reference', 'sdpa', 'bmm', 'blocked', 'flex', 'triton')
 
@@ -166,17 +166,20 @@ def table_dtype(impl: str, x: torch.Tensor) -> torch.dtype:
     have, so the other paths cast nothing per layer; else ``x``'s."""
     if impl == 'triton':
         return torch.float32
-    if not torch.jit.is_scripting():
-        return _autocast_dtype(x)
+    if not torch.jit.is_scripting() and x.is_floating_point():
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            return dtype
     return x.dtype
 
 
 @torch.jit.unused
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``x``'s device, or None where autocast is off."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.is_floating_point():
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    return x.dtype
+    return None
 
 
 @register_notrace_function

@@ -13,7 +13,7 @@ from timm.layers import DropPath, LayerScale, register_notrace_function, registe
 from timm.layers.fast_norm import fast_layer_norm
 from timm.models._manipulate import checkpoint
 
-from .attention import MaSA, needs_2d_mask, select_attn_impl, table_dtype
+from .attention import MaSA, autocast_dtype, needs_2d_mask, select_attn_impl, table_dtype
 from .decay import DecayTables, SpatialDecay
 
 __all__ = ['Stem', 'Downsample', 'DWConv', 'FFN', 'LayerNorm', 'RMTBlock', 'RMTStage']
@@ -141,9 +141,9 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if autocast_dtype(x) is not None:
+            return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMTBlock(nn.Module):
