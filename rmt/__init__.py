@@ -1,10 +1,16 @@
 """RMT (Retentive Networks Meet Vision Transformers) backbones for timm.
 
 Importing the package registers ``rmt_t``, ``rmt_s``, ``rmt_b`` and ``rmt_l`` with timm.
+
+The model is ``decay -> attention -> blocks -> model`` (each module imports only those before it);
+``checkpoint`` reads, maps and writes checkpoint files; ``export`` and ``flops`` serve deployment.
+The command-line scripts in ``scripts/`` are thin: what they share lives in ``cli`` (arguments,
+config files, model building), ``data`` (datasets and loaders) and ``evaluate``.
 """
 from .attention import ATTN_IMPLS, MaSA, set_attn_budget
+from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, official_config_to_kwargs
 from .decay import SpatialDecay
-from .model import RMT, checkpoint_filter_fn, load_checkpoint_file, official_config_to_kwargs
+from .model import RMT
 
 __all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'SpatialDecay', 'checkpoint_filter_fn', 'load_checkpoint_file',
            'official_config_to_kwargs', 'set_attn_budget']

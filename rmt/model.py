@@ -5,18 +5,13 @@ strided-conv downsampling, and a head that projects every token to 1024 channels
 applies Swish, pools and classifies. Stages 1-3 (1-2 in RMT-T) use MaSA decomposed along rows
 and columns; the last stage(s) attend over all tokens.
 
-This file holds the model, the loading of the released checkpoints, the variants and their
-timm registration. Released checkpoints load through timm::
+Features are channels-last (B, H, W, C) from the stem to the classifier, so ``forward_features``
+returns NHWC (``output_fmt``, as timm's MambaOut); ``forward_intermediates`` and ``features_only``
+give NCHW stage outputs. Checkpoint files are read and mapped in :mod:`rmt.checkpoint`. Released
+checkpoints load through timm::
 
     model = timm.create_model('rmt_s', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth'))
 """
-import argparse
-import logging
-import os
-import pickle
-import re
-import warnings
-import zipfile
 from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -24,25 +19,28 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
+from timm.layers import (
+    SelectAdaptivePool2d, calculate_drop_path_rates, get_device_dtype, register_notrace_function, trunc_normal_,
+    use_fused_attn)
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import adapt_input_conv, checkpoint
+from timm.models._manipulate import checkpoint
 
 from .attention import ATTN_IMPLS
 from .blocks import RMTStage, Stem
-from .decay import decay_rates, rotary_angles
+from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, read_model_metadata, released_names_hook
 
-__all__ = ['RMT', 'RMTHead', 'checkpoint_filter_fn', 'load_checkpoint_file', 'official_config_to_kwargs']
-
-_logger = logging.getLogger(__name__)
+__all__ = ['RMT', 'RMTHead', 'MODEL_ARGS']
 
 
 @register_notrace_function
 def check_input(x: torch.Tensor, in_chans: int) -> None:
-    """Raise ``ValueError`` unless ``x`` is an image batch (B, in_chans, H, W)."""
-    if x.dim() != 4 or x.shape[1] != in_chans:
+    """Raise ``ValueError`` unless ``x`` is a floating-point image batch (B, in_chans, H, W)."""
+    if x.dim() != 4 or (not torch.jit.is_tracing() and x.shape[1] != in_chans):  # traced: no Python bool
         raise ValueError('RMT expects input of shape (B, {}, H, W), got {}'.format(in_chans, list(x.shape)))
+    if not x.is_floating_point():
+        raise ValueError('RMT expects floating-point images, normalised with the pretrained_cfg mean and std, '
+                         'got {}: convert with x.float() / 255 and normalise'.format(x.dtype))
 
 
 @contextmanager
@@ -69,41 +67,51 @@ def _checkpointed_stem(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class RMTHead(nn.Module):
-    """Per-token projection to ``hidden_size``, BatchNorm, Swish, global pool, classifier.
+    """Per-token projection to ``hidden_size``, BatchNorm, Swish, global pool, dropout, classifier.
 
-    Takes the last stage's (B, C, H, W) features; ``pre_logits`` returns the pooled
-    ``hidden_size`` features (or the unpooled map when the pool is disabled).
+    Works on the last stage's (B, H, W, C) tokens. The BatchNorm normalises each channel over
+    (B, H, W), as the released BatchNorm2d on the NCHW map does. ``pre_logits`` returns the pooled
+    ``hidden_size`` features (the unpooled (B, H, W, hidden_size) map when the pool is disabled).
     """
 
     def __init__(self, in_features: int, hidden_size: int, num_classes: int, pool_type: str = 'avg',
-                 drop_rate: float = 0.):
+                 drop_rate: float = 0., device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.in_features = in_features
         self.hidden_size = hidden_size
-        self.proj = nn.Linear(in_features, hidden_size)
-        self.norm = nn.BatchNorm2d(hidden_size)
+        self.proj = nn.Linear(in_features, hidden_size, **dd)
+        self.norm = nn.BatchNorm1d(hidden_size, **dd)
         self.act = nn.SiLU()
-        self.pooled = bool(pool_type)
-        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=self.pooled)
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type), input_fmt='NHWC')
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
-    def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, reset_other: bool = False,
+              in_features: Optional[int] = None, device=None, dtype=None) -> None:
+        """New classifier (and pool); ``reset_other`` also removes the projection, norm and Swish, so the
+        head takes ``in_features`` wide tokens as they are (what a pruned model needs)."""
+        dd = get_device_dtype(self, device=device, dtype=dtype)
         if pool_type is not None:
-            self.pooled = bool(pool_type)
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=self.pooled)
-        self.fc = nn.Linear(self.hidden_size, num_classes, device=device, dtype=dtype) \
-            if num_classes > 0 else nn.Identity()
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type), input_fmt='NHWC')
+        if reset_other:
+            self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+            self.hidden_size = self.in_features
+        if in_features is not None and in_features != self.in_features:
+            if not isinstance(self.proj, nn.Identity):
+                raise ValueError('the head\'s input width changes only with its projection removed (reset_other=True)')
+            self.in_features = self.hidden_size = in_features
+        self.fc = nn.Linear(self.hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.fc.train(self.training)
+
+    def is_pooled(self) -> bool:
+        return not self.global_pool.is_identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        x = self.global_pool(self.act(self.norm(x)))
-        x = self.drop(x)
-        if pre_logits:
-            return x
-        if not self.pooled:  # classify every location
-            return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.fc(x)
+        x = self.proj(x)
+        x = self.act(self.norm(x.reshape(-1, x.shape[-1])).reshape(x.shape))
+        x = self.drop(self.global_pool(x))
+        return x if pre_logits else self.fc(x)
 
 
 class RMT(nn.Module):
@@ -114,7 +122,9 @@ class RMT(nn.Module):
         num_classes: classifier outputs (0 for none).
         global_pool: pooling of the head ('avg', 'max', ... or '' for none).
         embed_dims, depths, num_heads: per-stage width, block count and MaSA heads.
-        init_values, heads_ranges: per-stage decay hyper-parameters (see :func:`rmt.decay.decay_rates`).
+        decay_exponents, heads_ranges: per-stage decay settings: head h of n decays by
+            ``gamma_h = 1 - 2 ** -(decay_exponent + heads_range * h / n)`` per token of distance
+            (the released code's ``init_values`` and ``heads_ranges``; see :func:`rmt.decay.decay_rates`).
         mlp_ratios: per-stage FFN expansion.
         decomposed: per-stage flag, MaSA decomposed along rows and columns (else full attention).
         layer_scales: per-stage flag for LayerScale, initialised to ``layer_init_values``.
@@ -123,7 +133,8 @@ class RMT(nn.Module):
         feature_norm: add a LayerNorm per stage output, applied to every intermediate (stage feature)
             taken, as the paper's detection and segmentation backbones do.
         drop_rate, drop_path_rate: classifier dropout, stochastic depth (linear over blocks).
-        attn_impl: attention path, one of ``rmt.ATTN_IMPLS`` ('auto' picks by device and size).
+        attn_impl: attention path, one of ``rmt.ATTN_IMPLS`` ('auto' picks by device and size, or
+            'reference' when timm's ``use_fused_attn()`` is off, as under ``exportable=True``).
         device, dtype: where and in which dtype to create the parameters.
     """
 
@@ -135,7 +146,7 @@ class RMT(nn.Module):
             embed_dims: Sequence[int] = (64, 128, 256, 512),
             depths: Sequence[int] = (2, 2, 8, 2),
             num_heads: Sequence[int] = (4, 4, 8, 16),
-            init_values: Sequence[float] = (2, 2, 2, 2),
+            decay_exponents: Sequence[float] = (2, 2, 2, 2),
             heads_ranges: Sequence[float] = (4, 4, 6, 6),
             mlp_ratios: Sequence[float] = (3, 3, 3, 3),
             decomposed: Sequence[bool] = (True, True, False, False),
@@ -152,7 +163,7 @@ class RMT(nn.Module):
     ):
         super().__init__()
         num_stages = len(depths)
-        for name, value in (('embed_dims', embed_dims), ('num_heads', num_heads), ('init_values', init_values),
+        for name, value in (('embed_dims', embed_dims), ('num_heads', num_heads), ('decay_exponents', decay_exponents),
                             ('heads_ranges', heads_ranges), ('mlp_ratios', mlp_ratios),
                             ('decomposed', decomposed), ('layer_scales', layer_scales)):
             if len(value) != num_stages:
@@ -163,13 +174,14 @@ class RMT(nn.Module):
         self.token_label = token_label and num_classes > 0
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
+        self.output_fmt = 'NHWC'
         self.num_features = embed_dims[-1]
         self.head_hidden_size = projection
         self.feature_info: List[Dict[str, Any]] = []
 
         with torch.device(device) if device is not None else nullcontext():
             self.stem = Stem(in_chans, embed_dims[0])
-            dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(depths)]
+            dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
             stages = []
             for i in range(num_stages):
                 stages.append(RMTStage(
@@ -177,7 +189,7 @@ class RMT(nn.Module):
                     dim=embed_dims[i],
                     depth=depths[i],
                     num_heads=num_heads[i],
-                    init_value=init_values[i],
+                    decay_exponent=decay_exponents[i],
                     heads_range=heads_ranges[i],
                     mlp_ratio=mlp_ratios[i],
                     decomposed=decomposed[i],
@@ -195,7 +207,11 @@ class RMT(nn.Module):
             self.apply(self._init_weights)
         if dtype is not None:
             self.to(dtype)
+        if attn_impl == 'auto' and not use_fused_attn():
+            attn_impl = 'reference'  # timm's convention, e.g. under exportable=True: explicit matmuls
         self.set_attn_impl(attn_impl)
+        # released checkpoints load through every path: load_state_dict, timm's load_checkpoint, checkpoint_path=
+        self.register_load_state_dict_pre_hook(released_names_hook)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -238,18 +254,18 @@ class RMT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """New classifier(s) for ``num_classes`` (0: none); ``reset_other`` also removes the head's projection."""
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        ref = self.stem.conv1.weight
-        self.head.reset(num_classes, global_pool, device=ref.device, dtype=ref.dtype)
+        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features, **dd)
+        self.head_hidden_size = self.head.hidden_size
         if self.token_label:
             self.token_label = num_classes > 0
-            self.aux_head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
-                if self.token_label else nn.Identity()
-        self.head.fc.train(self.training)
-        self.aux_head.train(self.training)
+            self.aux_head = nn.Linear(self.num_features, num_classes, **dd) if self.token_label else nn.Identity()
+            self.aux_head.train(self.training)
 
     def forward_intermediates(
             self,
@@ -260,7 +276,7 @@ class RMT(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (before the next stage's downsampling) and the final features.
+        """Stage outputs (before the next stage's downsampling) and the final (B, H, W, C) features.
 
         Args:
             x: input images (B, in_chans, H, W).
@@ -289,7 +305,7 @@ class RMT(nn.Module):
                 intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
         if intermediates_only:
             return intermediates
-        return x.permute(0, 3, 1, 2), intermediates
+        return x, intermediates
 
     def prune_intermediate_layers(
             self,
@@ -304,13 +320,11 @@ class RMT(nn.Module):
         if self.feature_norms is not None:
             self.feature_norms = self.feature_norms[:max_index + 1]
         if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.num_features = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
-            self.head.proj, self.head.norm, self.head.act = nn.Identity(), nn.Identity(), nn.Identity()
-            self.head.hidden_size = self.head_hidden_size = self.num_features
             self.token_label = False
             self.aux_head = nn.Identity()
-            self.reset_classifier(0, '')
+            self.reset_classifier(0, '', reset_other=True)
         return take_indices
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,17 +339,16 @@ class RMT(nn.Module):
         return x.permute(0, 2, 3, 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last stage's features (B, C, H/32, W/32), unpooled."""
+        """Last stage's features (B, H/32, W/32, C), unpooled."""
         check_input(x, self.in_chans)
         x = self.forward_stem(x)
-        x = self.stages(x)
-        return x.permute(0, 3, 1, 2)
+        return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         out = self.head(x, pre_logits=pre_logits)
-        if pre_logits or not self.token_label or not self.head.pooled:
+        if pre_logits or not self.token_label or not self.head.is_pooled():
             return out
-        aux = self.aux_head(x.flatten(2).transpose(1, 2))
+        aux = self.aux_head(x.flatten(1, 2))
         return out + 0.5 * aux.max(dim=1)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,171 +358,16 @@ class RMT(nn.Module):
     def load_pretrained(self, checkpoint_path: str, use_ema: bool = False) -> None:
         """Load a released or project checkpoint file into this model (timm's ``custom_load`` hook)."""
         state = load_checkpoint_file(checkpoint_path)
-        state_dict = checkpoint_filter_fn(state, self, use_ema=use_ema, source=str(checkpoint_path))
-        self.load_state_dict(state_dict, strict=True)
-
-
-# --- checkpoints -------------------------------------------------------------------------------------
-
-def official_config_to_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Model kwargs from a config in the released code's argument names."""
-    names = dict(
-        embed_dims='embed_dims', depths='depths', num_heads='num_heads', init_values='init_values',
-        heads_ranges='heads_ranges', mlp_ratios='mlp_ratios', chunkwise_recurrents='decomposed',
-        layerscales='layer_scales', layer_init_values='layer_init_values', projection='projection',
-        num_classes='num_classes', in_chans='in_chans',
-    )
-    unknown = sorted(set(cfg) - set(names))
-    if unknown:
-        raise ValueError(f'unknown keys in the released config: {unknown}')
-    return {names[k]: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}
-
-
-def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read a checkpoint (``.pth``/``.pt`` via weights-only unpickling, or ``.safetensors``).
-
-    Never runs code from the file: only tensors, containers and ``argparse.Namespace`` (which the
-    released files carry as ``args``) are allowed.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            return load_file(path, device='cpu')
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise RuntimeError(
-            f'refusing to load {path}: it holds objects other than tensors and containers, and loading them '
-            f'could run code from the file ({e})') from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise RuntimeError(f'cannot read checkpoint {path}: the file is truncated or corrupted ({e})') from None
-    if not isinstance(state, dict):
-        raise RuntimeError(f'checkpoint {path} holds a {type(state).__name__}, not a state dict')
-    return state
-
-
-def _unwrap(state: Dict[str, Any], use_ema: bool) -> Dict[str, torch.Tensor]:
-    """The state dict inside a training checkpoint: released (`model`, `model_ema`) or timm's."""
-    keys = ('model_ema', 'state_dict_ema', 'model', 'state_dict') if use_ema else \
-        ('model', 'state_dict', 'model_ema', 'state_dict_ema')
-    for key in keys:
-        if isinstance(state.get(key), dict):
-            return state[key]
-    return state
-
-
-_OFFICIAL_RENAMES = [
-    (r'^patch_embed\.proj\.(0|3|6|9)\.', lambda m: f'stem.conv{(int(m.group(1)) // 3) + 1}.'),
-    (r'^patch_embed\.proj\.(1|4|7|10)\.', lambda m: f'stem.norm{(int(m.group(1)) - 1) // 3 + 1}.'),
-    (r'^layers\.(\d+)\.downsample\.reduction\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.conv.'),
-    (r'^layers\.(\d+)\.downsample\.norm\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.norm.'),
-    (r'^layers\.(\d+)\.blocks\.', r'stages.\1.blocks.'),
-    (r'\.retention_layer_norm\.', '.norm1.'),
-    (r'\.final_layer_norm\.', '.norm2.'),
-    (r'\.retention\.lepe\.conv\.', '.attn.lce.'),
-    (r'\.retention\.out_proj\.', '.attn.proj.'),
-    (r'\.retention\.(q|k|v)_proj\.', r'.attn.\1.'),
-    (r'\.pos\.conv\.', '.cpe.conv.'),
-    (r'\.gamma_1$', '.ls1.gamma'),
-    (r'\.gamma_2$', '.ls2.gamma'),
-    (r'^proj\.', 'head.proj.'),
-    (r'^norm\.', 'head.norm.'),
-    (r'^head\.(weight|bias)$', r'head.fc.\1'),
-    (r'^extra_norms\.', 'feature_norms.'),  # the released detection/segmentation backbones
-]
-
-
-def _from_official(state_dict: Dict[str, torch.Tensor], model: RMT) -> Dict[str, torch.Tensor]:
-    """Released key names and layouts to this model's; checks and drops the position buffers."""
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        m = re.match(r'^layers\.(\d+)\.Relpos\.(angle|decay)$', key)
-        if m:
-            _check_position_buffer(key, value, model, int(m.group(1)), m.group(2))
-            continue
-        for pattern, repl in _OFFICIAL_RENAMES:
-            key = re.sub(pattern, repl, key)
-        if key.endswith(('.ls1.gamma', '.ls2.gamma')):
-            value = value.reshape(-1)
-        out[key] = value
-    return out
-
-
-def _check_position_buffer(key: str, value: torch.Tensor, model: RMT, stage: int, kind: str) -> None:
-    if stage >= len(model.stages):
-        return  # a pruned model; the stage's weights are dropped as unexpected keys
-    decay = model.stages[stage].decay
-    expected = rotary_angles(decay.head_dim) if kind == 'angle' else \
-        decay_rates(decay.num_heads, decay.init_value, decay.heads_range)
-    if value.shape != expected.shape or not torch.allclose(value.float().cpu(), expected, rtol=1e-5, atol=1e-6):
-        raise ValueError(
-            f'checkpoint key {key} {tuple(value.shape)} does not match this model\'s stage {stage} '
-            f'(expected {tuple(expected.shape)}): the checkpoint was made for another RMT configuration')
-
-
-def checkpoint_filter_fn(
-        state_dict: Dict[str, Any],
-        model: RMT,
-        use_ema: bool = False,
-        source: str = 'checkpoint',
-) -> Dict[str, torch.Tensor]:
-    """Turn a released RMT checkpoint, or one of ours, into a state dict for ``model``.
-
-    Accepts the released training checkpoint as downloaded (``model``, maybe ``model_ema``,
-    ``args``, optimizer state, ...; ``model`` is taken unless ``use_ema``), a bare state dict in the
-    released names, or a state dict in this project's names. Drops the released position buffers
-    after checking them against the model's config, drops the classifier when the class count
-    differs, adapts the stem to ``in_chans``, and raises ``ValueError`` naming the disagreeing keys
-    when the checkpoint does not fit the model.
-    """
-    state_dict = _unwrap(state_dict, use_ema)
-    state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-    if any(k.startswith(('patch_embed.', 'layers.')) for k in state_dict):
         try:
-            state_dict = _from_official(state_dict, model)
+            state_dict = checkpoint_filter_fn(state, self, use_ema=use_ema, source=str(checkpoint_path))
         except ValueError as e:
-            raise ValueError(f'{source}: {e}') from None
-
-    expected = model.state_dict()
-    # a new class count (or none): the classifiers are not loaded, the model keeps its own
-    classifier_keys = [k for k in state_dict if k.startswith(('head.fc.', 'aux_head.'))]
-    new_classes = any(k in expected and expected[k].shape != state_dict[k].shape for k in classifier_keys) \
-        or ('head.fc.weight' in state_dict and 'head.fc.weight' not in expected)
-    if new_classes:
-        _logger.info(f'{source}: classifier not loaded (model has {model.num_classes} classes)')
-        for k in classifier_keys:
-            state_dict.pop(k)
-        state_dict.update({k: v for k, v in expected.items() if k.startswith(('head.fc.', 'aux_head.'))})
-    # a dense-prediction backbone (feature_norm=True) from a classification checkpoint: the norms start fresh
-    if not any(k.startswith('feature_norms.') for k in state_dict):
-        state_dict.update({k: v for k, v in expected.items() if k.startswith('feature_norms.')})
-    # another input channel count: adapt the first conv as timm does
-    stem_key = 'stem.conv1.weight'
-    if stem_key in state_dict and stem_key in expected and state_dict[stem_key].shape[1] != model.in_chans:
-        state_dict[stem_key] = adapt_input_conv(model.in_chans, state_dict[stem_key])
-
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = sorted(
-        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
-        for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape)
-    if missing or mismatched:
-        lines = [f'{source} does not fit this {type(model).__name__} model']
-        if mismatched:
-            lines.append('shape mismatches: ' + '; '.join(mismatched[:20]))
-        if missing:
-            lines.append(f'missing keys ({len(missing)}): ' + ', '.join(missing[:20]))
-        if unexpected:
-            lines.append(f'unexpected keys ({len(unexpected)}): ' + ', '.join(unexpected[:20]))
-        raise ValueError('\n'.join(lines))
-    if unexpected:
-        warnings.warn(f'{source}: ignoring keys this model does not have: {", ".join(unexpected)}')
-        for k in unexpected:
-            state_dict.pop(k)
-    return state_dict
+            made_for = read_model_metadata(checkpoint_path)
+            if made_for is None:
+                raise
+            name, kwargs = made_for
+            raise ValueError(f'{e}\n{checkpoint_path} was converted for {name} with {kwargs}: create the model '
+                             f'with those arguments') from None
+        self.load_state_dict(state_dict, strict=True)
 
 
 # --- variants and registration ----------------------------------------------------------------------
@@ -558,7 +416,7 @@ default_cfgs = generate_default_cfgs({
     'rmt_l.in1k_tl': _cfg(token_label=True),
 })
 
-# The released configurations (reference README, section 8); drop path rates are training recipe values.
+# The released configurations (as in the authors' code); drop path rates are training recipe values (configs/).
 MODEL_ARGS: Dict[str, Dict[str, Any]] = {
     'rmt_t': dict(
         embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), heads_ranges=(4, 4, 6, 6),

@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 
-import rmt
 from rmt import checkpoint_filter_fn, load_checkpoint_file
+from rmt.checkpoint import state_dict_from_checkpoint, weights_key
 
-from conftest import SMALL_CHECKPOINT, SMALL_TL_CHECKPOINT, load_small, small_kwargs
+from tests.helpers import SMALL_CHECKPOINT, SMALL_TL_CHECKPOINT, load_small, small_kwargs
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -40,6 +40,17 @@ def test_released_position_buffers_are_dropped_after_the_check():
     state = checkpoint_filter_fn(load_checkpoint_file(SMALL_CHECKPOINT), model)
     assert not [k for k in state if 'Relpos' in k or 'decay' in k.split('.')[-1]]
     assert set(state) == set(model.state_dict())
+
+
+def test_weights_are_taken_in_timms_order_without_wrapper_prefixes():
+    weights = {'w': torch.zeros(1)}
+    assert weights_key({'state_dict': weights, 'model': {}, 'model_ema': {}}) == 'state_dict'
+    assert weights_key({'model': weights, 'model_ema': {}}) == 'model'
+    assert weights_key({'model': weights, 'model_ema': {}, 'state_dict_ema': {}}, use_ema=True) == 'state_dict_ema'
+    assert weights_key({'model': weights, 'model_ema': {}}, use_ema=True) == 'model_ema'
+    assert weights_key({'model': weights}, use_ema=True) == 'model'
+    wrapped = {'state_dict': {'module.a': 1, '_orig_mod.b': 2, '_orig_mod.module.c': 3, 'd': 4}}
+    assert state_dict_from_checkpoint(wrapped) == {'a': 1, 'b': 2, 'c': 3, 'd': 4}
 
 
 def test_model_weights_are_preferred_over_ema_unless_asked(tmp_path):
@@ -106,6 +117,57 @@ def test_missing_keys_are_listed():
         checkpoint_filter_fn(state, fresh())
 
 
+def _assert_released_logits(model, expected):
+    model.eval()
+    for size, case in expected.items():
+        with torch.no_grad():
+            assert (model(case['input']) - case['logits']).abs().max().item() < 1e-4, size
+
+
+def test_released_file_loads_through_create_model_checkpoint_path(expected):
+    model = timm.create_model('rmt_t', checkpoint_path=str(SMALL_CHECKPOINT), **small_kwargs())
+    _assert_released_logits(model, expected)
+
+
+def test_released_file_loads_through_timm_load_checkpoint(expected):
+    model = fresh()
+    timm.models.load_checkpoint(model, str(SMALL_CHECKPOINT))
+    _assert_released_logits(model, expected)
+
+
+def test_released_state_dict_loads_through_load_state_dict(expected):
+    model = fresh()
+    model.load_state_dict(load_checkpoint_file(SMALL_CHECKPOINT)['model'])
+    _assert_released_logits(model, expected)
+
+
+def test_released_state_dict_loads_into_a_features_only_backbone(expected):
+    backbone = timm.create_model('rmt_t', features_only=True, **small_kwargs()).eval()
+    backbone.load_state_dict({'model.' + k: v for k, v in load_checkpoint_file(SMALL_CHECKPOINT)['model'].items()
+                              if not k.startswith(('head.', 'proj.', 'norm.'))})
+    with torch.no_grad():
+        features = backbone(expected['70x50']['input'])
+    for ours, theirs in zip(features, expected['70x50']['stage_features']):
+        assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_load_state_dict_of_another_config_names_the_disagreeing_keys():
+    released = load_checkpoint_file(SMALL_CHECKPOINT)['model']
+    with pytest.raises(ValueError, match=r'layers\.0\.Relpos\.decay'):
+        fresh(heads_ranges=(3, 4, 6, 6)).load_state_dict(released)
+    with pytest.raises(ValueError, match=r'(?s)does not fit.*head\.fc\.weight: checkpoint \(10, 128\) vs model \(7, 128\)'):
+        fresh(num_classes=7).load_state_dict(released)
+
+
+def test_converted_file_of_another_config_says_which_model_it_was_made_for(small_model, tmp_path):
+    from safetensors.torch import save_file
+    from rmt.checkpoint import model_metadata
+    path = tmp_path / 'small.safetensors'
+    save_file(small_model.state_dict(), str(path), metadata=model_metadata('rmt_t', dict(small_kwargs())))
+    with pytest.raises(ValueError, match='small.safetensors was converted for rmt_t with .*embed_dims'):
+        timm.create_model('rmt_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
 def test_pretrained_without_a_file_says_how_to_pass_one():
     with pytest.raises(RuntimeError, match='pretrained_cfg_overlay=dict\\(file='):
         timm.create_model('rmt_t', pretrained=True)
@@ -117,6 +179,31 @@ def test_truncated_file_is_named_in_the_error(tmp_path):
     bad.write_bytes(data[:len(data) // 2])
     with pytest.raises(RuntimeError, match='truncated.pth.*truncated or corrupted'):
         load_checkpoint_file(bad)
+
+
+def test_truncated_safetensors_file_is_named_in_a_one_line_error(small_model, tmp_path):
+    from safetensors.torch import save_file
+    save_file(small_model.state_dict(), str(tmp_path / 'whole.safetensors'))
+    data = (tmp_path / 'whole.safetensors').read_bytes()
+    bad = tmp_path / 'cut.safetensors'
+    bad.write_bytes(data[:len(data) // 2])
+    with pytest.raises(RuntimeError, match='cut.safetensors.*truncated or corrupted') as err:
+        load_checkpoint_file(bad)
+    assert '\n' not in str(err.value)
+
+
+def test_file_of_random_bytes_is_called_not_a_checkpoint(tmp_path):
+    bad = tmp_path / 'noise.pth'
+    bad.write_bytes(bytes(range(7, 256)) * 20)
+    with pytest.raises(RuntimeError, match='noise.pth is not a PyTorch checkpoint') as err:
+        load_checkpoint_file(bad)
+    assert '\n' not in str(err.value)
+
+
+def test_empty_file_is_named_in_the_error(tmp_path):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(RuntimeError, match='empty.pth: the file is empty'):
+        load_checkpoint_file(tmp_path / 'empty.pth')
 
 
 def test_missing_file_is_named_in_the_error(tmp_path):
@@ -135,15 +222,21 @@ def test_loading_never_runs_code_from_the_file(tmp_path):
         os.remove(marker)
     evil = tmp_path / 'evil.pth'
     torch.save({'model': {}, 'args': _Payload()}, evil)
-    with pytest.raises(RuntimeError, match='refusing to load'):
+    with pytest.raises(RuntimeError, match='refusing to load .*evil.pth: it holds posix.system') as err:
         load_checkpoint_file(evil)
-    assert not os.path.exists(marker)
+    assert not os.path.exists(marker) and '\n' not in str(err.value)
 
 
 @pytest.mark.parametrize('shape', [(3, 64, 64), (1, 1, 3, 64, 64), (1, 4, 64, 64)])
 def test_input_that_is_not_an_image_batch_raises_value_error(shape):
     with pytest.raises(ValueError, match=r'\(B, 3, H, W\), got \[' + ', '.join(map(str, shape))):
         fresh()(torch.randn(*shape))
+
+
+def test_integer_images_raise_a_one_line_value_error():
+    with pytest.raises(ValueError, match='floating-point images.* got torch.uint8') as err:
+        fresh()(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    assert '\n' not in str(err.value)
 
 
 def test_one_pixel_input_runs():
