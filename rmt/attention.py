@@ -127,6 +127,8 @@ def _flex_fits(num_heads: int, x: torch.Tensor) -> bool:
 def _auto_impl(decomposed: bool, num_heads: int, height: int, width: int, x: torch.Tensor) -> str:
     if torch.compiler.is_exporting():
         return 'sdpa'  # no size-dependent branch in an exported graph
+    if torch.jit.is_tracing():  # fvcore, classic ONNX: 'sdpa' while the mask fits (no Python loop to bake in)
+        return _by_size(decomposed, num_heads, height, width, x, short_ok=False)
     if not decomposed and x.device.type == 'cuda' and height * width >= _FLEX_MIN_TOKENS \
             and _flex_attention() is not None and _flex_fits(num_heads, x):
         return 'flex'

@@ -16,7 +16,7 @@ from timm.models._manipulate import checkpoint
 from .attention import MaSA, autocast_dtype, needs_2d_mask, select_attn_impl, table_dtype
 from .decay import DecayTables, SpatialDecay
 
-__all__ = ['Stem', 'Downsample', 'DWConv', 'FFN', 'LayerNorm', 'RMTBlock', 'RMTStage']
+__all__ = ['Stem', 'Downsample', 'ResidualDWConv', 'FFN', 'LayerNorm', 'RMTBlock', 'RMTStage']
 
 
 class Stem(nn.Module):
@@ -89,7 +89,7 @@ def _gelu_dwconv_keeping_input(x: torch.Tensor, weight: torch.Tensor, bias: Opti
     return _GeluDWConv.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding)
 
 
-class DWConv(nn.Module):
+class ResidualDWConv(nn.Module):
     """``x + DWConv3x3(x)`` (depthwise, with bias) on channels-last features, as one conv.
 
     The residual is folded into the kernel (its centre raised by 1): the same sum, without a
@@ -121,7 +121,7 @@ class FFN(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.dwconv = DWConv(hidden_dim, gelu_first=True)
+        self.dwconv = ResidualDWConv(hidden_dim, gelu_first=True)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ class RMTBlock(nn.Module):
             drop_path: float = 0.,
     ):
         super().__init__()
-        self.cpe = DWConv(dim)
+        self.cpe = ResidualDWConv(dim)
         self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = MaSA(dim, num_heads, decomposed)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
@@ -170,7 +170,7 @@ class RMTBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, impl: str, tables: DecayTables) -> torch.Tensor:
-        x = self.cpe(x)  # x + DWConv(x)
+        x = self.cpe(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), impl, tables)))
         x = x + self.drop_path2(self.ls2(self.ffn(self.norm2(x))))
         return x
@@ -185,7 +185,7 @@ class RMTStage(nn.Module):
             dim: int,
             depth: int,
             num_heads: int,
-            init_value: float,
+            decay_exponent: float,
             heads_range: float,
             mlp_ratio: float,
             decomposed: bool,
@@ -199,7 +199,7 @@ class RMTStage(nn.Module):
         self.attn_impl = 'auto'
         self.grad_checkpointing = False
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
-        self.decay = SpatialDecay(dim, num_heads, init_value, heads_range)
+        self.decay = SpatialDecay(dim, num_heads, decay_exponent, heads_range)
         drop_path = drop_path or [0.] * depth
         self.blocks = nn.ModuleList([
             RMTBlock(dim, num_heads, mlp_ratio, decomposed, layer_scale_init, drop_path[i])

@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Tuple
 import torch
 from torch import nn
 
-from timm.layers import register_notrace_module
+from timm.layers import is_exportable, register_notrace_module
 
 __all__ = ['decay_rates', 'rotary_angles', 'rotary_tables', 'decay_masks_1d', 'manhattan_mask', 'theta_shift',
            'theta_shift_reference',
@@ -32,10 +32,10 @@ class DecayTables(NamedTuple):
     mask_2d: torch.Tensor   # (n, HW, HW) Manhattan decay, or empty when not needed
 
 
-def decay_rates(num_heads: int, init_value: float, heads_range: float) -> torch.Tensor:
-    """Per-head log decay ``lambda_h = ln(1 - 2 ** (-init_value - heads_range * h / n))`` (negative)."""
+def decay_rates(num_heads: int, decay_exponent: float, heads_range: float) -> torch.Tensor:
+    """Per-head log decay ``lambda_h = ln(1 - 2 ** (-decay_exponent - heads_range * h / n))`` (negative)."""
     h = torch.arange(num_heads, dtype=torch.float32)
-    return torch.log(1 - 2 ** (-init_value - heads_range * h / num_heads))
+    return torch.log(1 - 2 ** (-decay_exponent - heads_range * h / num_heads))
 
 
 def rotary_angles(head_dim: int) -> torch.Tensor:
@@ -100,8 +100,9 @@ def theta_shift_reference(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor)
 
 @torch.jit.unused
 def _use_complex(x: torch.Tensor, rotation: torch.Tensor) -> bool:
-    return rotation.numel() > 0 and x.dtype == rotation.dtype and x.stride(-1) == 1 \
-        and not torch.compiler.is_exporting()
+    # no complex numbers in traced (torch.jit.trace, classic ONNX) or exported graphs
+    return not torch.jit.is_tracing() and not torch.compiler.is_exporting() and rotation.numel() > 0 \
+        and x.dtype == rotation.dtype and x.stride(-1) == 1
 
 
 @register_notrace_module
@@ -109,26 +110,28 @@ class SpatialDecay(nn.Module):
     """Rotary and Manhattan-decay tables of one stage, cached per (H, W, device, dtype).
 
     The full (n, HW, HW) mask is built only when ``with_2d`` asks for it (full-attention stages on
-    the materialised-mask paths); the decomposed and blocked paths need only the 1-D masks.
+    the materialised-mask paths); the decomposed and blocked paths need only the 1-D masks. A stage
+    built under timm's ``exportable`` config never makes the complex rotation table.
     """
     cache_size: int = 8
     __jit_ignored_attributes__ = ['_cache']
 
-    def __init__(self, dim: int, num_heads: int, init_value: float, heads_range: float):
+    def __init__(self, dim: int, num_heads: int, decay_exponent: float, heads_range: float):
         super().__init__()
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f'dim {dim} must split into {num_heads} heads of even size')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.init_value = float(init_value)
+        self.decay_exponent = float(decay_exponent)
         self.heads_range = float(heads_range)
+        self.complex_rotation = not is_exportable()
         self._cache: 'OrderedDict' = OrderedDict()
 
     def build(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> DecayTables:
         """Compute the tables from scratch (what the cache stores)."""
-        decay = decay_rates(self.num_heads, self.init_value, self.heads_range)
+        decay = decay_rates(self.num_heads, self.decay_exponent, self.heads_range)
         sin, cos = rotary_tables(rotary_angles(self.head_dim), H, W, device, dtype)
-        if dtype == torch.float32 or dtype == torch.float64:
+        if (dtype == torch.float32 or dtype == torch.float64) and self.complex_rotation:
             rotation = torch.stack((cos[..., 0::2], sin[..., 1::2]), dim=-1)
         else:
             rotation = torch.empty(0, device=device, dtype=dtype)
@@ -146,7 +149,7 @@ class SpatialDecay(nn.Module):
 
     @torch.jit.unused
     def _cached(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> DecayTables:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # tables traced from the input's sizes
             return self.build(H, W, device, dtype, with_2d)
         # tables made under inference_mode cannot be saved for backward later, so they key apart
         key = (H, W, str(device), dtype, with_2d, torch.is_inference_mode_enabled())
@@ -162,4 +165,4 @@ class SpatialDecay(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, head_dim={self.head_dim}, ' \
-               f'init_value={self.init_value}, heads_range={self.heads_range}'
+               f'decay_exponent={self.decay_exponent}, heads_range={self.heads_range}'

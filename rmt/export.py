@@ -1,9 +1,14 @@
 """torch.export and ONNX export of RMT with dynamic batch, height and width.
 
-The graph has no size-dependent branches when exported: the decay and rotary tables are computed
-from the symbolic feature sizes (the per-size cache is bypassed under export) and every stage uses
-``scaled_dot_product_attention`` with a materialised decay mask (``select_attn_impl`` picks 'sdpa'
-while exporting). One exported program therefore serves every input size in its range.
+The graph has no size-dependent branches when exported or traced: the decay and rotary tables are
+computed from the symbolic (or traced) feature sizes, the per-size cache is bypassed, the rotary
+shift is real-valued, and every stage uses ``scaled_dot_product_attention`` with a materialised
+decay mask (``select_attn_impl`` picks 'sdpa' while exporting or tracing). One exported program
+therefore serves every input size in its range.
+
+Two ONNX exporters: :func:`export_onnx` (torch's dynamo exporter, from an exported program, opset
+18 or later) and :func:`export_onnx_traced` (the classic TorchScript-tracing exporter, opset 17 or
+later, as ``torch.onnx.export(..., dynamo=False)`` and ``timm.utils.onnx.onnx_export`` use it).
 
 Smallest input: 33 px per side. The stem and the three downsampling convs (stride 2, padding 1)
 take a side of s pixels to ceil(s / 32) tokens in the last stage; export specialises any dimension
@@ -18,19 +23,25 @@ Example::
     program = export_program(model)                      # torch.export.ExportedProgram
     program.module()(torch.randn(2, 3, 320, 256))        # any batch, any size >= 33 px
     export_onnx(program, 'rmt_t.onnx')                   # inputs named (batch, 3, height, width)
+    export_onnx_traced(model, 'rmt_t_opset17.onnx', opset=17)
 """
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-__all__ = ['MIN_SIZE', 'MAX_SIZE', 'DEFAULT_OPSET', 'dynamic_shapes', 'export_program', 'export_onnx',
-           'max_abs_diff']
+from timm.layers import get_device_dtype
+
+__all__ = ['MIN_SIZE', 'MAX_SIZE', 'DEFAULT_OPSET', 'DYNAMO_MIN_OPSET', 'dynamic_shapes', 'export_program',
+           'export_onnx', 'export_onnx_traced', 'onnx_opset', 'max_abs_diff']
 
 MIN_SIZE = 33
 MAX_SIZE = 8192
 DEFAULT_OPSET = 18
+# torch's dynamo exporter writes opset 18; its conversion to 17 fails on RMT's graph (and keeps 18)
+DYNAMO_MIN_OPSET = 18
 
 
 def dynamic_shapes(
@@ -50,9 +61,12 @@ def dynamic_shapes(
 
 
 def _example(model: nn.Module, size: Sequence[int], batch: int) -> torch.Tensor:
-    ref = next(model.parameters())
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    return torch.randn(batch, first_conv.in_channels, *size, device=ref.device, dtype=ref.dtype)
+    return torch.randn(batch, first_conv.in_channels, *size, **get_device_dtype(model))
+
+
+def _output_names(num_outputs: int) -> List[str]:
+    return ['logits'] if num_outputs == 1 else [f'features.{i}' for i in range(num_outputs)]
 
 
 def export_program(
@@ -89,14 +103,14 @@ def export_onnx(
 
     The input is named ``x`` with dims (batch, C, height, width); outputs are ``logits`` for a classifier,
     ``features.0`` ... for a features_only backbone. Saves to ``path`` when given; returns the
-    ``torch.onnx.ONNXProgram``.
+    ``torch.onnx.ONNXProgram``. Opset 18 or later; :func:`export_onnx_traced` writes opset 17.
     """
-    if opset < 17:
-        raise ValueError(f'opset {opset} is too old: use 17 or later')
+    if opset < DYNAMO_MIN_OPSET:
+        raise ValueError(f'the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later, not {opset}: use '
+                         f'export_onnx_traced for opset 17')
     if not isinstance(program, ExportedProgram):
         program = export_program(program, dynamic_batch=dynamic_batch)
-    num_outputs = len(program.graph_signature.user_outputs)
-    output_names = ['logits'] if num_outputs == 1 else [f'features.{i}' for i in range(num_outputs)]
+    output_names = _output_names(len(program.graph_signature.user_outputs))
     onnx_program = torch.onnx.export(
         program, dynamo=True, opset_version=opset, input_names=['x'], output_names=output_names,
         optimize=optimize, verbose=False)
@@ -108,6 +122,43 @@ def export_onnx(
     if path is not None:
         onnx_program.save(path)
     return onnx_program
+
+
+def export_onnx_traced(
+        model: nn.Module,
+        path: str,
+        opset: int = 17,
+        example: Optional[torch.Tensor] = None,
+        dynamic_batch: bool = True,
+) -> None:
+    """ONNX export with torch's classic exporter (``torch.onnx.export(..., dynamo=False)``, TorchScript tracing).
+
+    Same input and output names and dynamic dims as :func:`export_onnx`; ``example`` (default 2 x C x
+    224 x 224) is the input traced. For opset 17, which the dynamo exporter cannot write for RMT.
+    """
+    if opset < 17:
+        raise ValueError(f'opset {opset} is too old: use 17 or later')
+    model.eval()
+    if example is None:
+        example = _example(model, (224, 224), 2)
+    with torch.no_grad():
+        out = model(example)
+    output_names = _output_names(len(out) if isinstance(out, (list, tuple)) else 1)
+    axes: Dict[str, Dict[int, str]] = {'x': {2: 'height', 3: 'width'}}
+    if dynamic_batch:
+        axes['x'][0] = 'batch'
+        axes.update({name: {0: 'batch'} for name in output_names})
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tracer warnings about Python values that are the same at every size
+        torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset, input_names=['x'],
+                          output_names=output_names, dynamic_axes=axes)
+
+
+def onnx_opset(path: str) -> int:
+    """The default-domain opset an ONNX file was written for."""
+    import onnx
+    proto = onnx.load(path, load_external_data=False)
+    return max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))
 
 
 def _as_list(out: Any) -> List[torch.Tensor]:

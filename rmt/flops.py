@@ -22,6 +22,8 @@ from typing import Any, Dict, List, NamedTuple, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from timm.layers import get_device_dtype
+
 __all__ = ['SDPA_OPS', 'sdpa_flop_jit', 'flop_analysis', 'count_flops', 'flops_by_operator', 'FlopCount']
 
 # The fused attention ops a trace may record; q, k, v are the first three inputs of each.
@@ -57,10 +59,7 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 
 def _example_input(model: nn.Module, input_size: Sequence[int], batch_size: int) -> torch.Tensor:
-    ref = next(model.parameters(), None)
-    device = ref.device if ref is not None else torch.device('cpu')
-    dtype = ref.dtype if ref is not None else torch.float32
-    return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+    return torch.randn(batch_size, *input_size, **get_device_dtype(model))
 
 
 def flop_analysis(model: nn.Module, inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]]):

@@ -6,10 +6,9 @@ import torch
 
 import rmt.attention as attention
 from rmt.attention import decomposed_attention, full_attention, select_attn_impl
+from rmt.checkpoint import load_checkpoint_file
 from rmt.decay import SpatialDecay, decay_rates, manhattan_mask, rotary_angles, theta_shift, theta_shift_reference
-from rmt.model import load_checkpoint_file
-
-from conftest import SMALL_CHECKPOINT
+from tests.helpers import SMALL_CHECKPOINT, small_kwargs
 
 
 def make_qkv(B=2, H=5, W=7, n=3, d=8, seed=0):
@@ -17,8 +16,8 @@ def make_qkv(B=2, H=5, W=7, n=3, d=8, seed=0):
     return [torch.randn(B, H, W, n, d, generator=g) for _ in range(3)]
 
 
-def tables_for(H, W, n=3, d=8, with_2d=True, init_value=2., heads_range=4.):
-    decay = SpatialDecay(n * d, n, init_value, heads_range)
+def tables_for(H, W, n=3, d=8, with_2d=True, decay_exponent=2., heads_range=4.):
+    decay = SpatialDecay(n * d, n, decay_exponent, heads_range)
     return decay.build(H, W, torch.device('cpu'), torch.float32, with_2d)
 
 
@@ -186,7 +185,6 @@ def test_table_cache_is_bounded():
 
 def test_unknown_attention_impl_is_rejected():
     import timm
-    from conftest import small_kwargs
     model = timm.create_model('rmt_t', **small_kwargs())
     with pytest.raises(ValueError, match='unknown attention implementation'):
         model.set_attn_impl('fastest')

@@ -9,7 +9,7 @@ import timm
 import torch
 
 import rmt  # noqa: F401
-from conftest import small_kwargs
+from tests.helpers import small_kwargs
 
 
 @pytest.mark.parametrize('decomposed', [(True, True, False, False), (True, True, True, False)])

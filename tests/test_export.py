@@ -4,34 +4,32 @@ Programs are exported once from a 2 x 3 x 128 x 96 example and then run at other
 sizes never seen at export time; they must reproduce the released code's outputs (the fixtures) and
 the eager model within 1e-4. The small configuration has decomposed and full-attention stages, with
 and without LayerScale, like the released variants; ``scripts/export.py --model rmt_X``
-checks the full variants the same way (minutes each, so not in the suite).
+checks the full variants the same way (minutes each, so not in the suite). The classic
+(TorchScript-tracing) ONNX exporter is tested on the full ``rmt_t``: it takes seconds.
 """
-import json
-from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
 import timm
 import torch
 
-import rmt
-from rmt.export import MIN_SIZE, export_onnx, export_program, max_abs_diff
+from rmt.export import MIN_SIZE, export_onnx, export_onnx_traced, export_program, max_abs_diff, onnx_opset
+from tests.helpers import SMALL_CHECKPOINT, SMALL_CONFIG, load_small, script
 
-FIXTURES = Path(__file__).parent / 'fixtures'
 EXPORT_EXAMPLE = (2, 3, 128, 96)
-
-
-@pytest.fixture(scope='module')
-def expected():
-    return torch.load(FIXTURES / 'official_small_expected.pt', weights_only=True)
+UNSEEN = [(1, 3, 97, 161), (3, 3, 320, 256)]
 
 
 @pytest.fixture(scope='module')
 def small():
-    cfg = rmt.official_config_to_kwargs(json.loads((FIXTURES / 'official_small_config.json').read_text()))
-    return timm.create_model(
-        'rmt_t', pretrained=True, **cfg,
-        pretrained_cfg_overlay=dict(file=str(FIXTURES / 'official_small_checkpoint.pth'), num_classes=10)).eval()
+    return load_small()
+
+
+@pytest.fixture(scope='module')
+def rmt_t():
+    torch.manual_seed(0)
+    return timm.create_model('rmt_t').eval()
 
 
 @pytest.fixture(scope='module')
@@ -75,13 +73,11 @@ def test_exported_program_has_dynamic_batch_height_width_down_to_33px(small, sma
 
 
 def test_onnx_onnxruntime_reproduces_eager_at_unseen_sizes(small, small_program, expected, tmp_path):
-    import onnx
     import onnxruntime as ort
 
     path = tmp_path / 'rmt_small.onnx'
     export_onnx(small_program, str(path), opset=18)
-    proto = onnx.load(str(path))
-    assert max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')) >= 17
+    assert onnx_opset(str(path)) == 18
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     assert session.get_inputs()[0].shape == ['batch', 3, 'height', 'width']
     for size, ref in expected.items():
@@ -93,3 +89,71 @@ def test_onnx_onnxruntime_reproduces_eager_at_unseen_sizes(small, small_program,
     assert np.isfinite(got).all()
     assert max_abs_diff(torch.from_numpy(got), _eager(small, x)) < 1e-4
 
+
+
+def _onnxruntime(path):
+    import onnxruntime as ort
+    return ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+
+
+def _assert_matches_eager_at_unseen_sizes(session, model):
+    torch.manual_seed(3)
+    for shape in UNSEEN:
+        x = torch.randn(*shape)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == (shape[0], model.num_classes)
+        assert max_abs_diff(torch.from_numpy(got), _eager(model, x)) < 1e-4, shape
+
+
+def test_classic_onnx_exporter_takes_rmt_t_with_dynamic_batch_height_width(rmt_t, tmp_path):
+    path = tmp_path / 'rmt_t.onnx'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tracer warnings
+        torch.onnx.export(rmt_t, (torch.randn(2, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
+                          input_names=['x'], output_names=['logits'],
+                          dynamic_axes={'x': {0: 'batch', 2: 'height', 3: 'width'}, 'logits': {0: 'batch'}})
+    session = _onnxruntime(path)
+    assert session.get_inputs()[0].shape == ['batch', 3, 'height', 'width']
+    _assert_matches_eager_at_unseen_sizes(session, rmt_t)
+
+
+def test_timm_onnx_export_takes_rmt_t_with_dynamic_size(rmt_t, tmp_path):
+    from timm.utils.onnx import onnx_export
+    path = tmp_path / 'rmt_t.onnx'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        onnx_export(rmt_t, str(path), example_input=torch.randn(2, 3, 224, 224), dynamic_size=True, opset=17,
+                    check=True)  # check: onnx's full model checker
+    session = _onnxruntime(path)
+    assert session.get_inputs()[0].shape == ['batch', 3, 'height', 'width']
+    _assert_matches_eager_at_unseen_sizes(session, rmt_t)
+
+
+def test_exportable_model_uses_explicit_attention_and_a_real_rotary_shift():
+    model = timm.create_model('rmt_t', depths=(1, 1, 1, 1), exportable=True).eval()
+    assert all(stage.attn_impl == 'reference' for stage in model.stages)  # timm: no fused attention
+    tables = model.stages[0].decay.build(4, 5, torch.device('cpu'), torch.float32, False)
+    assert tables.rotation.numel() == 0  # no complex table
+
+
+def test_classic_exporter_reproduces_released_logits_at_opset_17(small, expected, tmp_path):
+    path = tmp_path / 'small.onnx'
+    export_onnx_traced(small, str(path), opset=17, example=torch.randn(*EXPORT_EXAMPLE))
+    assert onnx_opset(str(path)) == 17
+    session = _onnxruntime(path)
+    for size, ref in expected.items():
+        got = session.run(None, {'x': ref['input'].numpy()})[0]
+        assert max_abs_diff(torch.from_numpy(got), ref['logits']) < 1e-4, size
+
+
+def test_dynamo_onnx_export_refuses_opsets_it_cannot_write(small_program):
+    with pytest.raises(ValueError, match='export_onnx_traced for opset 17'):
+        export_onnx(small_program, opset=17)
+
+
+def test_export_script_writes_and_reports_the_opset_asked_for(tmp_path):
+    proc = script('export', '--official-config', SMALL_CONFIG, '--checkpoint', SMALL_CHECKPOINT, '--out-dir', tmp_path,
+                  '--opset', '17', '--export-size', '64x64', '--check-sizes', '64x64', '70x50')
+    assert 'ONNX (opset 17, classic exporter)' in proc.stdout and 'Traceback' not in proc.stderr
+    assert onnx_opset(str(tmp_path / 'rmt_t.onnx')) == 17
+    assert 'all outputs within 0.0001 of eager' in proc.stdout

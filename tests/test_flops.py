@@ -13,7 +13,7 @@ from rmt.flops import count_flops, flops_by_operator
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 
-# fvcore's FlopCountAnalysis on the released code at 224 x 224 (reference README, section 8), and params
+# fvcore's FlopCountAnalysis on the released code at 224 x 224, and the released models' parameter counts
 RELEASED = {'rmt_t': (2.65e9, 14_334_216), 'rmt_s': (4.80e9, 26_967_240),
             'rmt_b': (10.41e9, 54_154_896), 'rmt_l': (19.55e9, 95_464_864)}
 

@@ -18,7 +18,7 @@ from timm.models import get_notrace_functions, get_notrace_modules
 
 import rmt  # noqa: F401  (registers the models)
 from rmt.model import MODEL_ARGS
-from conftest import small_kwargs
+from tests.helpers import small_kwargs
 
 VARIANTS = ['rmt_t', 'rmt_s', 'rmt_b', 'rmt_l']
 TAGGED = ['rmt_t.in1k', 'rmt_s.in1k', 'rmt_s.in1k_tl', 'rmt_b.in1k', 'rmt_b.in1k_tl', 'rmt_l.in1k', 'rmt_l.in1k_tl']
@@ -73,7 +73,7 @@ def test_default_cfg_names_real_modules_and_matches_output(name):
     x = torch.randn(1, *cfg['input_size'], device='meta')
     model = shallow_meta(name)
     features = model.forward_features(x)
-    assert features.shape == (1, model.num_features, *cfg['pool_size'])
+    assert model.output_fmt == 'NHWC' and features.shape == (1, *cfg['pool_size'], model.num_features)
     assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
     assert model(x).shape == (1, 1000)
 
@@ -85,9 +85,26 @@ def test_classifier_removal_gives_pooled_then_unpooled_features(name):
     model.reset_classifier(0)
     assert model.num_classes == 0 and model(x).shape == (1, model.head_hidden_size)
     model.reset_classifier(0, '')
-    assert model(x).shape == (1, model.head_hidden_size, 7, 7)
+    assert model(x).shape == (1, 7, 7, model.head_hidden_size)  # NHWC, as forward_features
     assert shallow_meta(name, num_classes=0)(x).shape == (1, model.head_hidden_size)
-    assert shallow_meta(name, num_classes=0, global_pool='')(x).shape == (1, model.head_hidden_size, 7, 7)
+    assert shallow_meta(name, num_classes=0, global_pool='')(x).shape == (1, 7, 7, model.head_hidden_size)
+
+
+def test_head_reset_other_leaves_only_pool_and_classifier():
+    model = shallow_meta('rmt_t')
+    model.reset_classifier(7, reset_other=True)
+    head = model.head
+    assert all(isinstance(m, torch.nn.Identity) for m in (head.proj, head.norm, head.act))
+    assert model.head_hidden_size == model.num_features == head.fc.in_features == 512
+    assert head.fc.out_features == 7 and head.fc.weight.device.type == 'meta'
+    x = torch.randn(2, 3, 4, 512)
+    torch.testing.assert_close(head(x, pre_logits=True), x.mean((1, 2)))
+
+
+def test_head_input_width_changes_only_without_its_projection():
+    head = shallow_meta('rmt_t').head
+    with pytest.raises(ValueError, match='reset_other=True'):
+        head.reset(0, in_features=256)
 
 
 def test_reset_classifier_keeps_device_dtype_and_pool():
@@ -215,7 +232,7 @@ def test_pruned_model_keeps_its_tap_and_trains(index):
     take = pruned.prune_intermediate_layers([index])
     with torch.no_grad():
         torch.testing.assert_close(pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0], taps[index])
-        torch.testing.assert_close(pruned.forward_features(x), taps[index])
+        torch.testing.assert_close(pruned.forward_features(x).permute(0, 3, 1, 2), taps[index])  # NHWC
     pruned.train()
     (pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0].sum()
      + pruned.forward_features(x).sum()).backward()

@@ -1,8 +1,9 @@
 """Numerical parity with the released code, through timm's pretrained-loading path (tolerance 1e-4)."""
 import pytest
+import timm
 import torch
 
-from conftest import SMALL_TL_CHECKPOINT, load_small
+from tests.helpers import SMALL_CHECKPOINT, SMALL_TL_CHECKPOINT, load_small, small_kwargs
 
 SIZES = ['64x64', '96x80', '70x50']
 ATOL = 1e-4
@@ -27,11 +28,9 @@ def test_stage_features_match_released_code(small_model, expected, size):
 
 @pytest.mark.parametrize('size', SIZES)
 def test_features_only_model_matches_released_stage_features(expected, size):
-    import timm
-    from conftest import SMALL_CHECKPOINT, small_kwargs
     backbone = timm.create_model(
         'rmt_t', pretrained=True, features_only=True,
-        pretrained_cfg_overlay=dict(file=str(SMALL_CHECKPOINT), num_classes=10), **small_kwargs()).eval()
+        pretrained_cfg_overlay=dict(file=str(SMALL_CHECKPOINT)), **small_kwargs()).eval()
     with torch.no_grad():
         features = backbone(expected[size]['input'])
     for ours, theirs in zip(features, expected[size]['stage_features']):
