@@ -1,17 +1,19 @@
 """Classify an image with an RMT model: ``python -m rmt --model rmt_s --checkpoint RMT-S.pth --image cat.jpg``.
 
 Without ``--checkpoint`` the weights are random (the output only shows that everything runs);
-without ``--image`` a synthetic test image is used.
+without ``--image`` a synthetic test image is used. A ``.safetensors`` from
+``scripts/convert_checkpoint.py`` names its model and kwargs; for a released file of a custom size
+give ``--official-config``.
 """
 import argparse
+import logging
 import time
 
-import timm
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
-import rmt  # noqa: F401  (registers the models)
+from .cli import add_model_args, build_model, run_main
 
 
 def demo_image(size: int = 256) -> Image.Image:
@@ -23,17 +25,20 @@ def demo_image(size: int = 256) -> Image.Image:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog='python -m rmt', description=__doc__.splitlines()[0])
-    parser.add_argument('--model', default='rmt_t', help='rmt_t, rmt_s, rmt_b, rmt_l, optionally with a tag '
-                                                          '(e.g. rmt_s.in1k_tl for token-labeling weights)')
+    parser.add_argument('--model', default=None, help='rmt_t, rmt_s, rmt_b, rmt_l, optionally with a tag '
+                                                       '(e.g. rmt_s.in1k_tl for token-labeling weights); default: '
+                                                       'the one a converted --checkpoint names, else rmt_t')
     parser.add_argument('--checkpoint', default=None, help='released .pth or our .pth/.safetensors file')
+    add_model_args(parser)
     parser.add_argument('--image', default=None, help='image file (default: a synthetic pattern)')
     parser.add_argument('--top-k', type=int, default=5)
     args = parser.parse_args(argv)
 
-    overlay = dict(file=args.checkpoint) if args.checkpoint else None
-    model = timm.create_model(args.model, pretrained=bool(args.checkpoint), pretrained_cfg_overlay=overlay).eval()
+    args.pretrained_path = args.checkpoint
+    model = build_model(args, None, default_model='rmt_t', weights_flag='--checkpoint').eval()
     params = sum(p.numel() for p in model.parameters())
-    print(f'{args.model}: {params:,} parameters, weights: {args.checkpoint or "random (no --checkpoint)"}')
+    name = model.pretrained_cfg['architecture']
+    print(f'{name}: {params:,} parameters, weights: {args.checkpoint or "random (no --checkpoint)"}')
 
     image = Image.open(args.image).convert('RGB') if args.image else demo_image()
     transform = create_transform(**resolve_data_config(model=model))
@@ -51,4 +56,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    logging.basicConfig(level=logging.WARNING, format='%(message)s')
+    run_main(main, logging.getLogger('rmt'))

@@ -10,7 +10,8 @@ in a fresh subprocess (CUDA: max allocated; CPU: peak RSS, VmHWM, minus the RSS 
 forward, and in total). Achieved GFLOP/s are forward FLOPs counted by ``torch.utils.flop_counter``
 (2 per multiply-add, attention included; a training step counts 3x forward) over time, also as a
 fraction of the device's measured matmul peak in the dtype the run computes in (bf16/fp16 under
-autocast, else fp32).
+autocast, else fp32). (These are not ``rmt.flops.count_flops``'s fvcore counts, which take one
+multiply-add as one FLOP, as the paper's tables do.)
 
 For RMT models in inference, a second table splits the time per image into stem, stages and head
 (medians over the same rounds, timed with module hooks), and a sweep over sizes shows how the time of the
@@ -33,9 +34,9 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import timm  # noqa: E402
-import rmt  # noqa: E402,F401  (registers the models)
+import timm
+
+import rmt
 
 
 def parse_args(argv=None):
@@ -173,8 +174,9 @@ def measure_memory(name: str, mode: str, size, args) -> Dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def count_flops(model, args, mode: str, size) -> float:
-    """Forward FLOPs of one batch; a training step counts as 3x (forward, and backward at twice that).
+def step_flops(model, args, mode: str, size) -> float:
+    """FLOPs of one step by ``torch.utils.flop_counter`` (2 per multiply-add): the forward of one batch, or
+    3x that for a training step (forward, and backward at twice that).
 
     (torch's counter overstates depthwise-conv backward, so the backward is not counted directly.)
     """
@@ -343,7 +345,7 @@ def main(argv=None) -> None:
                 x = torch.randn(batch_size(args, mode), 3, *size, device=args.device)
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                flops = float('nan') if args.no_flops else count_flops(model, args, mode, size)
+                flops = float('nan') if args.no_flops else step_flops(model, args, mode, size)
                 step = make_step(model, args, mode, x)
                 for _ in range(args.warmup):
                     step()

@@ -7,31 +7,31 @@ then check both against the eager model at sizes not used for the export.
     python scripts/export.py --model rmt_t --features-only --feature-norm --out-dir exported   # backbone
     python scripts/export.py --model rmt_t --official-config tests/fixtures/official_small_config.json \\
         --checkpoint tests/fixtures/official_small_checkpoint.pth --out-dir /tmp/rmt_small  # tiny, fast
+    python scripts/export.py --model rmt_t --opset 17 --out-dir exported     # classic (tracing) ONNX exporter
 
 Exported programs accept any batch and any height and width from 33 px (see ``rmt.export``). Load
 them with ``torch.export.load('rmt_t.pt2').module()`` or ``onnxruntime.InferenceSession('rmt_t.onnx')``
 (input ``x``: batch x 3 x height x width, float32, normalised like the eager model's input).
-Exits with status 1 when an output differs from eager by more than ``--tol``.
+Opset 18 and later are written by torch's dynamo exporter from the exported program, opset 17 by
+the classic exporter (``torch.onnx.export(..., dynamo=False)``); the opset printed is the one read
+back from the file. Exits with status 1 when an output differs from eager by more than ``--tol``.
 """
 import argparse
-import json
+import logging
 import os
 import sys
 import time
 import warnings
 
-warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
-
-try:
-    import rmt
-except ImportError:  # a source checkout that was not installed
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-    import rmt
-
-import timm
 import torch
 
-from rmt.export import DEFAULT_OPSET, MIN_SIZE, export_onnx, export_program, max_abs_diff
+from rmt.cli import ScriptError, add_model_args, build_model, run_main
+from rmt.export import (
+    DEFAULT_OPSET, DYNAMO_MIN_OPSET, MIN_SIZE, export_onnx, export_onnx_traced, export_program, max_abs_diff,
+    onnx_opset)
+
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+_logger = logging.getLogger('export')
 
 
 def _size(text):
@@ -45,38 +45,34 @@ def _size(text):
 
 
 def build(args):
-    kwargs = {}
-    if args.official_config:
-        with open(args.official_config) as f:
-            kwargs.update(rmt.official_config_to_kwargs(json.load(f)))
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
-    if args.features_only:
-        kwargs['features_only'] = True
-    if args.feature_norm:
-        kwargs['feature_norm'] = True
-    if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            sys.exit(f'--checkpoint {args.checkpoint}: no such file')
-        overlay = dict(file=args.checkpoint, num_classes=kwargs.get('num_classes', 1000))
-        model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    else:
-        model = timm.create_model(args.model, **kwargs)
+    args.pretrained_path = args.checkpoint
+    model = build_model(args, args.num_classes, default_model='rmt_t', weights_flag='--checkpoint',
+                        features_only=args.features_only or None, feature_norm=args.feature_norm or None)
     return model.eval()
+
+
+def _opset(text):
+    opset = int(text)
+    if opset < 17:
+        raise argparse.ArgumentTypeError(f'opset {opset} is too old: use 17 or later')
+    return opset
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='rmt_t', help='timm model name (rmt_t, rmt_s, rmt_b, rmt_l)')
+    parser.add_argument('--model', default=None,
+                        help='timm model name (rmt_t, rmt_s, rmt_b, rmt_l; default: a converted --checkpoint\'s, '
+                             'else rmt_t)')
     parser.add_argument('--checkpoint', default='', help='weights: a released RMT checkpoint or one of ours')
-    parser.add_argument('--official-config', default='', help="a model config in the released code's names (JSON)")
+    add_model_args(parser)
     parser.add_argument('--num-classes', type=int, default=None)
     parser.add_argument('--features-only', action='store_true', help='export the backbone: stage features')
     parser.add_argument('--feature-norm', action='store_true', help='per-stage LayerNorm on the features')
     parser.add_argument('--out-dir', default='.', help='where MODEL.pt2 and MODEL.onnx go')
     parser.add_argument('--name', default='', help='file name stem (default: the model name)')
     parser.add_argument('--no-onnx', action='store_true', help='torch.export only')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset (17 or later)')
+    parser.add_argument('--opset', type=_opset, default=DEFAULT_OPSET,
+                        help=f'ONNX opset: {DYNAMO_MIN_OPSET} or later (dynamo exporter), or 17 (classic exporter)')
     parser.add_argument('--static-batch', action='store_true', help='fix the batch size to --batch')
     parser.add_argument('--export-size', type=_size, default=(224, 224), metavar='HxW',
                         help='example input size traced for the export')
@@ -89,7 +85,8 @@ def main(argv=None):
 
     model = build(args)
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, args.name or args.model + ('_features' if args.features_only else ''))
+    architecture = model.pretrained_cfg['architecture']  # --model, or the one a converted --checkpoint names
+    stem = os.path.join(args.out_dir, args.name or architecture + ('_features' if args.features_only else ''))
     torch.manual_seed(0)
     example = torch.randn(args.batch, 3, *args.export_size)
 
@@ -103,10 +100,20 @@ def main(argv=None):
         import onnxruntime as ort
 
         start = time.perf_counter()
-        export_onnx(program, stem + '.onnx', opset=args.opset, dynamic_batch=not args.static_batch)
+        if args.opset >= DYNAMO_MIN_OPSET:
+            exporter = 'dynamo'
+            export_onnx(program, stem + '.onnx', opset=args.opset, dynamic_batch=not args.static_batch)
+        else:
+            exporter = 'classic'
+            export_onnx_traced(model, stem + '.onnx', opset=args.opset, example=example,
+                               dynamic_batch=not args.static_batch)
+        written = onnx_opset(stem + '.onnx')
+        if written != args.opset:
+            raise ScriptError(f'{stem}.onnx was written for opset {written}, not the requested {args.opset}')
         session = ort.InferenceSession(stem + '.onnx', providers=['CPUExecutionProvider'])
         shape = session.get_inputs()[0].shape
-        print(f'ONNX (opset {args.opset}): {stem}.onnx ({time.perf_counter() - start:.1f} s), input x {shape}')
+        print(f'ONNX (opset {written}, {exporter} exporter): {stem}.onnx ({time.perf_counter() - start:.1f} s), '
+              f'input x {shape}')
 
     run = torch.export.load(stem + '.pt2').module()
     batches = [args.batch] if args.static_batch else [1, 3]
@@ -133,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main, _logger)

@@ -11,21 +11,11 @@ attention matmuls; elementwise ops not counted). Fused attention is counted as t
 replaces, so every attention path (``--impl``) gives the same count.
 """
 import argparse
-import os
-import sys
 import time
-import warnings
-
-warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
-
-try:
-    import rmt
-except ImportError:  # a source checkout that was not installed
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-    import rmt
 
 import timm
 
+import rmt
 from rmt.flops import count_flops
 
 # fvcore's FlopCountAnalysis on the released code at 224 px (GFLOPs), the paper's table (GFLOPs), params

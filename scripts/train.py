@@ -4,11 +4,12 @@
 Takes timm's ``train.py`` flags with the same names and meanings (``--config FILE.yaml`` sets any of
 them; the command line wins) and is built from timm's library: datasets, loaders, transforms and
 Mixup from ``timm.data``, losses from ``timm.loss``, ``create_optimizer_v2``, ``create_scheduler_v2``,
-EMA, loss scaling, checkpoint saving, ``summary.csv`` and distributed set-up from ``timm.utils``.
+EMA, loss scaling, checkpoint saving, ``summary.csv`` and distributed set-up from ``timm.utils``;
+what the scripts share comes from ``rmt.cli``, ``rmt.data``, ``rmt.evaluate`` and ``rmt.checkpoint``.
 
     python scripts/train.py --config configs/rmt_t_in1k.yaml --data-dir /data/imagenet
     torchrun --nproc-per-node 8 scripts/train.py --config configs/rmt_s_in1k.yaml --data-dir /data/imagenet
-    python scripts/train.py --config configs/rmt_s_finetune_pets.yaml --data-dir pets \\
+    python scripts/train.py --config configs/rmt_s_transfer.yaml --data-dir pets \\
         --pretrained-path RMT-S.pth --num-classes 37
 
 Fault tolerance: checkpoints are written atomically at the end of every epoch; ``--resume
@@ -33,18 +34,20 @@ import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    AtomicCheckpointSaver, ScriptError, add_model_kwargs_arg, build_model, check_num_classes,
-    create_eval_loader, dataset_classes, default_device, evaluate, open_dataset, parse_args_with_config,
-    read_checkpoint, run_main)
+from timm import utils
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import clean_state_dict, model_parameters, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from timm import utils  # noqa: E402
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config  # noqa: E402
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
-from timm.models import clean_state_dict, model_parameters, safe_model_name  # noqa: E402
-from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
+from rmt.checkpoint import AtomicCheckpointSaver
+from rmt.cli import (
+    ScriptError, add_model_args, build_model, default_device, default_workers, model_kwargs_from_args,
+    parse_args_with_config, read_checkpoint, run_main)
+from rmt.data import (
+    allow_posterize_to_zero_bits, check_num_classes, create_eval_loader, dataset_classes, open_dataset)
+from rmt.evaluate import evaluate
 
 _logger = logging.getLogger('train')
 
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--interpolation', default='', type=str)
     g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
-    g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data-loading processes per process')
+    g.add_argument('-j', '--workers', type=int, default=default_workers(), metavar='N',
+                   help='data-loading processes per process (default: 4, or the number of cores if fewer)')
     g.add_argument('--pin-mem', action='store_true', default=False)
     g.add_argument('--no-prefetcher', action='store_true', default=False)
     g = p.add_argument_group('model')
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='classifier dropout')
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate')
-    add_model_kwargs_arg(g)
+    add_model_args(g)
     g.add_argument('--grad-checkpointing', action='store_true', default=False)
     g.add_argument('--channels-last', action='store_true', default=False)
     g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND')
@@ -264,7 +268,7 @@ def train_one_epoch(epoch, num_epochs, model, loader, optimizer, loss_fn, args, 
             eta = elapsed / (update_idx + 1) * (updates_per_epoch - update_idx - 1)
             lrs = [g['lr'] for g in optimizer.param_groups]
             _logger.info(
-                f'Train: {epoch}/{num_epochs} [{update_idx + 1:>5d}/{updates_per_epoch} '
+                f'Train: {epoch}/{num_epochs - 1} [{update_idx + 1:>5d}/{updates_per_epoch} '
                 f'({100. * (update_idx + 1) / updates_per_epoch:3.0f}%)]  loss {loss.item() * group:.4f} '
                 f'({loss_sum.item() / seen:.4f})  lr {sum(lrs) / len(lrs):.3e}  {rate:.1f} img/s  '
                 f'epoch ETA {format_time(eta)}')
@@ -280,7 +284,10 @@ def train_one_epoch(epoch, num_epochs, model, loader, optimizer, loss_fn, args, 
 def main(argv=None):
     utils.setup_default_logging()
     args = parse_args_with_config(build_parser(), argv)
+    # the run's args.yaml and checkpoints name every model kwarg, with no reference to another file
+    args.model_kwargs, args.official_config = model_kwargs_from_args(args), ''
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
+    allow_posterize_to_zero_bits()  # the paper's RandAugment policy with Pillow >= 13
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     device = utils.init_distributed_device(args)
     primary = utils.is_primary(args)

@@ -4,33 +4,34 @@
     python scripts/validate.py --data-dir /data/imagenet --model rmt_s --checkpoint RMT-S.pth
     python scripts/validate.py --data-dir pets --checkpoint output/train/my-run/model_best.pth.tar
 
-``--checkpoint`` takes a released RMT file, a ``.safetensors`` state dict, or a checkpoint written by
-``scripts/train.py``; for the latter the model, its arguments, the class count and the evaluation
+``--checkpoint`` takes a released RMT file, a ``.safetensors`` file, or a checkpoint written by
+``scripts/train.py``. For the latter the model, its arguments, the class count and the evaluation
 image settings default to the ones the run trained with, so the numbers match its ``summary.csv``
-(the same evaluation code computes both). Prints a JSON line with the results as its last output.
+(the same evaluation code, ``rmt.evaluate``, computes both); a ``.safetensors`` written by
+``scripts/convert_checkpoint.py`` names its model and kwargs. Prints a JSON line with the results
+as its last output.
 """
 import argparse
 import json
 import logging
-import os
-import sys
 from contextlib import suppress
 from functools import partial
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    ScriptError, add_model_kwargs_arg, build_model, check_num_classes, create_eval_loader, dataset_classes,
-    default_device, evaluate, has_ema, load_weights, open_dataset, parse_args_with_config, read_checkpoint,
-    run_main)
+from timm import utils
+from timm.data import resolve_data_config
 
-from timm import utils  # noqa: E402
-from timm.data import resolve_data_config  # noqa: E402
+from rmt.checkpoint import has_ema
+from rmt.cli import (
+    ScriptError, add_model_args, build_model, default_device, default_workers, load_weights, parse_args_with_config,
+    read_checkpoint, run_main, saved_settings)
+from rmt.data import check_num_classes, create_eval_loader, dataset_classes, open_dataset
+from rmt.evaluate import evaluate
 
 _logger = logging.getLogger('validate')
 
-# settings a training checkpoint supplies when they are not given on the command line
+# settings a training checkpoint (or a converted file: model, model_kwargs) supplies when not given
 FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'img_size', 'input_size', 'crop_pct', 'mean',
                  'std', 'interpolation', 'class_map', 'dataset')
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrained', action='store_true', default=False)
     p.add_argument('--checkpoint', default='', metavar='FILE', help='weights: released .pth, ours, or .safetensors')
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
-    add_model_kwargs_arg(p)
+    add_model_args(p)
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--in-chans', type=int, default=None)
     p.add_argument('--img-size', type=int, default=None)
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--std', type=float, nargs='+', default=None)
     p.add_argument('--interpolation', default=None, type=str)
     p.add_argument('-b', '--batch-size', type=int, default=256)
-    p.add_argument('-j', '--workers', type=int, default=4)
+    p.add_argument('-j', '--workers', type=int, default=default_workers(),
+                   help='data-loading processes (default: 4, or the number of cores if fewer)')
     p.add_argument('--device', default=default_device(), help='default: cuda when available, else cpu')
     p.add_argument('--amp', action='store_true', default=False)
     p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
@@ -70,15 +72,15 @@ def main(argv=None):
     utils.setup_default_logging()
     args = parse_args_with_config(build_parser(), argv)
     state = read_checkpoint(args.checkpoint) if args.checkpoint else {}
-    ours = isinstance(state.get('args'), argparse.Namespace) and isinstance(state.get('state_dict'), dict)
-    trained = vars(state['args']) if ours else {}  # released files carry the authors' own, unrelated args
+    trained = saved_settings(args.checkpoint, state) if args.checkpoint else {}
     for key in FROM_TRAINING:
         if getattr(args, key) in (None, {}) and trained.get(key) not in (None, {}):
             setattr(args, key, trained[key])
     args.dataset = args.dataset or ''
     args.class_map = args.class_map or ''
     if not args.model:
-        raise ScriptError('--model is required (only checkpoints written by scripts/train.py name their model)')
+        raise ScriptError('--model is required (only checkpoints written by scripts/train.py and files converted by '
+                          'scripts/convert_checkpoint.py name their model)')
     if args.use_ema and state and not has_ema(state):
         raise ScriptError(f'--use-ema: {args.checkpoint} has no EMA weights')
     del state

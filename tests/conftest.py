@@ -1,33 +1,13 @@
-"""Shared fixtures: the released-format reference files and a small RMT built from their config."""
-import json
+"""Fixtures: the released code's outputs, a small RMT loaded from the released-format checkpoint, one thread."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # check the Triton kernels in Triton's CPU interpreter
+if not torch.cuda.is_available():  # check the Triton kernels in Triton's CPU interpreter (before rmt is imported)
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
-import timm  # noqa: E402
-import rmt  # noqa: E402
-
-FIXTURES = Path(__file__).parent / 'fixtures'
-SMALL_CHECKPOINT = FIXTURES / 'official_small_checkpoint.pth'
-SMALL_TL_CHECKPOINT = FIXTURES / 'official_small_tokenlabel_checkpoint.pth'
-
-
-def small_kwargs(**overrides):
-    """Model kwargs of the fixtures' small configuration (10 classes)."""
-    cfg = json.loads((FIXTURES / 'official_small_config.json').read_text())
-    return dict(rmt.official_config_to_kwargs(cfg), **overrides)
-
-
-def load_small(checkpoint=SMALL_CHECKPOINT, **overrides):
-    """The small released-format checkpoint, loaded through timm's pretrained path."""
-    return timm.create_model(
-        'rmt_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint), num_classes=10),
-        **small_kwargs(**overrides)).eval()
+from tests.helpers import FIXTURES, cleanup, load_small  # noqa: E402
 
 
 @pytest.fixture(scope='session')
@@ -43,3 +23,19 @@ def expected_tl():
 @pytest.fixture(scope='session')
 def small_model():
     return load_small()
+
+
+@pytest.fixture
+def one_thread():
+    """In-process script runs use one thread like the scripts' subprocesses: fast on a small shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _session_dirs():
+    """Temporary folders made by the helpers (digits, training runs) go when the session ends."""
+    yield
+    cleanup()

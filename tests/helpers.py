@@ -1,46 +1,52 @@
-"""Shared by the script tests: a small real image set, and running the scripts as a user would.
+"""Helpers shared by the tests: the released-format fixtures, a small real image set, running the scripts.
 
-The data are scikit-learn's 1797 handwritten digits (8x8 grey scans shipped inside the wheel, no
-download), written once per test session as 32x32 RGB PNGs in an image folder with ``train/`` and
-``validation/`` splits. ``python tests/_rmt_training.py DIR`` writes the same folder for a manual run.
+The image set is scikit-learn's 1797 handwritten digits (``rmt.data.write_digits_folder``: 8x8
+grey scans shipped inside the wheel, no download), written once per test session as 32x32 RGB PNGs
+in an image folder with ``train/`` and ``validation/`` splits.
 """
 import csv
 import functools
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-import pytest
-import torch
+import timm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(REPO, 'scripts')
-FIXTURES = os.path.join(REPO, 'tests', 'fixtures')
-SMOKE_CONFIG = os.path.join(REPO, 'configs', 'smoke_digits.yaml')
-NUM_VAL = 360
+import rmt
+from rmt.data import write_digits_folder
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / 'scripts'
+FIXTURES = REPO / 'tests' / 'fixtures'
+SMALL_CONFIG = FIXTURES / 'official_small_config.json'
+SMALL_CHECKPOINT = FIXTURES / 'official_small_checkpoint.pth'
+SMALL_TL_CHECKPOINT = FIXTURES / 'official_small_tokenlabel_checkpoint.pth'
+SMOKE_CONFIG = REPO / 'configs' / 'smoke_digits.yaml'
 
 
-def make_digits_folder(root: str, classes=range(10), size: int = 32, limit: int = 0) -> str:
-    """Write the digits as ``root/{train,validation}/digit{k}/NNNN.png``; the same split every time."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+def small_kwargs(**overrides):
+    """Model kwargs of the fixtures' small configuration (10 classes)."""
+    return dict(rmt.official_config_to_kwargs(json.loads(SMALL_CONFIG.read_text())), **overrides)
 
-    digits = load_digits()
-    order = np.random.RandomState(0).permutation(len(digits.images))
-    kept = [i for i in order if digits.target[i] in set(classes)]
-    if limit:
-        kept = kept[:limit]
-    num_val = len(kept) * NUM_VAL // len(order)
-    for n, i in enumerate(kept):
-        folder = os.path.join(root, 'validation' if n < num_val else 'train', f'digit{digits.target[i]}')
-        os.makedirs(folder, exist_ok=True)
-        pixels = (digits.images[i] * (255. / 16.)).round().astype(np.uint8)
-        Image.fromarray(pixels).convert('RGB').resize((size, size), Image.BILINEAR).save(
-            os.path.join(folder, f'{i:04d}.png'))
-    return root
+
+def load_small(checkpoint=SMALL_CHECKPOINT, **overrides):
+    """The small released-format checkpoint, loaded through timm's pretrained path."""
+    return timm.create_model(
+        'rmt_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)), **small_kwargs(**overrides)).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module, to call its ``main`` in-process (the scripts import only ``rmt`` and timm)."""
+    spec = importlib.util.spec_from_file_location(f'scripts_{name}', SCRIPTS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 _tmp_dirs = []
@@ -54,7 +60,7 @@ def session_dir(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def digits_folder() -> str:
-    return make_digits_folder(os.path.join(session_dir('digits'), 'digits'))
+    return write_digits_folder(os.path.join(session_dir('digits'), 'digits'))
 
 
 def env() -> dict:
@@ -62,18 +68,23 @@ def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
-def script(name: str, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``scripts/<name>.py`` with ``args`` in a fresh interpreter; output captured as text."""
-    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, name + '.py'), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+def run(args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python ARGS...`` in a fresh interpreter at the repository root; output captured as text."""
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env(), cwd=REPO)
     if check and proc.returncode != 0:
-        raise AssertionError(f'{name}.py {" ".join(map(str, args))} exited {proc.returncode}:\n'
+        raise AssertionError(f'python {" ".join(map(str, args))} exited {proc.returncode}:\n'
                              f'{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
     return proc
 
 
+def script(name: str, *args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>.py ARGS...`` as a user would."""
+    return run([SCRIPTS / f'{name}.py', *args], timeout=timeout, check=check)
+
+
 def smoke_args(output: str, experiment: str, *extra: str) -> list:
-    return ['--config', SMOKE_CONFIG, '--data-dir', digits_folder(), '--device', 'cpu', '--output', output,
+    return ['--config', str(SMOKE_CONFIG), '--data-dir', digits_folder(), '--device', 'cpu', '--output', output,
             '--experiment', experiment, *extra]
 
 
@@ -93,22 +104,3 @@ def read_summary(run_dir: str) -> list:
 def cleanup() -> None:
     for path in _tmp_dirs:
         shutil.rmtree(path, ignore_errors=True)
-
-
-import atexit  # noqa: E402
-
-atexit.register(cleanup)
-
-if __name__ == '__main__':
-    target = sys.argv[1] if len(sys.argv) > 1 else 'digits'
-    make_digits_folder(target)
-    print(f'wrote {target}/train and {target}/validation')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread like the scripts' subprocesses: fast on a small shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -1,11 +1,9 @@
 """scripts/benchmark.py: what it reports (its numbers are never asserted: speed is not tested by timing)."""
 import csv
-import sys
 
-from _rmt_training import SCRIPTS
+from tests.helpers import load_script
 
-sys.path.insert(0, SCRIPTS)
-import benchmark  # noqa: E402
+benchmark = load_script('benchmark')
 
 
 def test_resolution_sweep_reports_parts_and_growth_of_decomposed_stages(tmp_path, capsys):

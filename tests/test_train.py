@@ -10,14 +10,16 @@ import pytest
 import timm
 import torch
 
-from _rmt_training import (
-    FIXTURES, SCRIPTS, SMOKE_CONFIG, digits_folder, env, make_digits_folder, read_summary, script, session_dir, smoke_args, smoke_run)
+import rmt
+from rmt.checkpoint import AtomicCheckpointSaver
+from rmt.cli import ScriptError, parse_args_with_config
+from rmt.data import write_digits_folder
+from tests.helpers import (
+    FIXTURES, REPO, SCRIPTS, SMOKE_CONFIG, digits_folder, env, load_script, read_summary, script, session_dir,
+    smoke_args, smoke_run)
 
-sys.path.insert(0, SCRIPTS)
-import _common  # noqa: E402
-import train  # noqa: E402
-
-import rmt  # noqa: E402
+train = load_script('train')
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def load(path):
@@ -37,6 +39,7 @@ def test_training_logs_progress_and_a_final_summary_line():
     with open(os.path.join(smoke_run(), 'log.txt')) as f:
         log = f.read()
     assert 'img/s' in log and 'epoch ETA' in log and 'run ETA' in log
+    assert 'Train: 3/3 [' in log and 'Epoch 3/3:' in log  # epochs 0..3 counted alike
     assert 'Done: rmt_t, 4 epochs in' in log and 'best top1' in log
 
 
@@ -82,7 +85,7 @@ def test_killed_run_resumes_to_the_same_final_weights_as_an_uninterrupted_one():
 def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact(tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    saver = _common.AtomicCheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=str(tmp_path),
+    saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=str(tmp_path),
                                           recovery_dir=str(tmp_path))
     saver.save_checkpoint(0, metric=1.0)
     before = load(tmp_path / 'last.pth.tar')
@@ -112,30 +115,30 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
 
 def test_missing_data_dir_fails_at_start_with_a_clear_message(tmp_path):
     missing = tmp_path / 'no-such-folder'
-    with pytest.raises(_common.ScriptError, match=f'--data-dir {missing} does not exist'):
-        train.main(['--config', SMOKE_CONFIG, '--data-dir', str(missing), '--output', str(tmp_path)])
+    with pytest.raises(ScriptError, match=f'--data-dir {missing} does not exist'):
+        train.main(['--config', str(SMOKE_CONFIG), '--data-dir', str(missing), '--output', str(tmp_path)])
     assert not os.listdir(tmp_path)  # failed before creating anything
 
 
 def test_data_dir_without_split_folders_fails_at_start_instead_of_mixing_splits(tmp_path):
     class_folders_only = os.path.join(digits_folder(), 'train')  # digit0/ ... digit9/, no train/ or val/
-    with pytest.raises(_common.ScriptError, match='has no "train" split: expected a sub-folder named train'):
-        train.main(['--config', SMOKE_CONFIG, '--data-dir', class_folders_only, '--output', str(tmp_path)])
+    with pytest.raises(ScriptError, match='has no "train" split: expected a sub-folder named train'):
+        train.main(['--config', str(SMOKE_CONFIG), '--data-dir', class_folders_only, '--output', str(tmp_path)])
 
 
 def test_class_count_mismatch_fails_at_start_with_a_clear_message(tmp_path):
-    with pytest.raises(_common.ScriptError, match='class-count mismatch: .* has 10 classes .* but the model has 7 '
+    with pytest.raises(ScriptError, match='class-count mismatch: .* has 10 classes .* but the model has 7 '
                                                   'outputs; pass --num-classes 10'):
         train.main(smoke_args(str(tmp_path), 'mismatch', '--num-classes', '7'))
     assert not os.listdir(tmp_path)
 
 
 def test_finetune_from_released_checkpoint_with_a_new_class_count(tmp_path):
-    data = make_digits_folder(str(tmp_path / 'five-digits'), classes=range(5), limit=500)
-    fixture = os.path.join(FIXTURES, 'official_small_checkpoint.pth')
+    data = write_digits_folder(str(tmp_path / 'five-digits'), classes=range(5), limit=500)
+    fixture = str(FIXTURES / 'official_small_checkpoint.pth')
     kwargs = ['embed_dims=(16,32,48,64)', 'depths=(1,2,2,1)', 'num_heads=(2,2,4,4)',
               'layer_scales=(False,False,True,True)', 'projection=128']
-    script('train', '--config', os.path.join(os.path.dirname(SCRIPTS), 'configs', 'rmt_s_transfer.yaml'),
+    script('train', '--config', REPO / 'configs' / 'rmt_s_transfer.yaml',
            '--data-dir', data, '--device', 'cpu', '--output', str(tmp_path), '--experiment', 'ft',
            '--model', 'rmt_t', '--model-kwargs', *kwargs, '--pretrained', '--pretrained-path', fixture,
            '--num-classes', '5', '--img-size', '40', '--epochs', '1', '--lr', '1e-12', '--warmup-epochs', '0',
@@ -153,10 +156,10 @@ def test_finetune_from_released_checkpoint_with_a_new_class_count(tmp_path):
 
 
 def test_every_config_is_made_of_train_py_flags():
-    configs = os.path.join(os.path.dirname(SCRIPTS), 'configs')
+    configs = REPO / 'configs'
     drop_path = {'rmt_t': 0.1, 'rmt_s': 0.15, 'rmt_b': 0.4, 'rmt_l': 0.5}
     for name in sorted(os.listdir(configs)):
-        args = _common.parse_args_with_config(train.build_parser(), ['--config', os.path.join(configs, name)])
+        args = parse_args_with_config(train.build_parser(), ['--config', os.path.join(configs, name)])
         if name.endswith('_in1k.yaml'):  # the paper's recipe
             assert (args.opt, args.lr_base, args.lr_base_size, args.weight_decay, args.epochs, args.warmup_epochs) \
                 == ('adamw', 1e-3, 1024, 0.05, 300, 5)
@@ -167,13 +170,27 @@ def test_every_config_is_made_of_train_py_flags():
 
 def test_unknown_config_key_is_an_error(tmp_path):
     (tmp_path / 'bad.yaml').write_text('batch_sise: 8\n')
-    with pytest.raises(_common.ScriptError, match='batch_sise'):
-        _common.parse_args_with_config(train.build_parser(), ['--config', str(tmp_path / 'bad.yaml')])
+    with pytest.raises(ScriptError, match='batch_sise'):
+        parse_args_with_config(train.build_parser(), ['--config', str(tmp_path / 'bad.yaml')])
+
+
+def test_malformed_config_file_is_a_one_line_error_naming_the_file_and_line(tmp_path):
+    (tmp_path / 'broken.yaml').write_text('model: rmt_t\nepochs: [1, 2\nlr: 0.1\n')
+    with pytest.raises(ScriptError, match=r'--config .*broken\.yaml: not valid YAML at line \d+') as err:
+        parse_args_with_config(train.build_parser(), ['--config', str(tmp_path / 'broken.yaml')])
+    assert '\n' not in str(err.value)
+
+
+def test_default_data_workers_do_not_exceed_the_cores():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    assert 1 <= train.build_parser().parse_args([]).workers == min(4, cores)
 
 
 def test_paper_randaugment_policy_survives_its_maximum_magnitude():
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
+    from rmt.data import allow_posterize_to_zero_bits
+    allow_posterize_to_zero_bits()  # what train.py does before training
     augment = rand_augment_transform('rand-n8-m10-mstd0-inc1', {})  # magnitude 10 asks posterize for 0 bits
     image = Image.new('RGB', (16, 16), (200, 120, 40))
     assert all(augment(image).size == (16, 16) for _ in range(40))

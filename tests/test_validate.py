@@ -1,16 +1,14 @@
 """scripts/validate.py: the numbers training logged, recomputed from the saved weights."""
 import json
 import os
-import sys
 
+import pytest
 
-from _rmt_training import (FIXTURES, SCRIPTS, digits_folder, one_thread, read_summary,  # noqa: F401
-                           script, smoke_run)  # one_thread: autouse fixture
+from tests.helpers import (
+    SMALL_CHECKPOINT, SMALL_CONFIG, digits_folder, load_script, read_summary, run, script, smoke_run)
 
-sys.path.insert(0, SCRIPTS)
-import validate  # noqa: E402
-
-
+validate = load_script('validate')
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_validate_on_saved_checkpoint_agrees_with_the_training_log():
@@ -31,10 +29,23 @@ def test_validate_with_ema_weights_agrees_with_the_logged_ema_metrics():
     assert abs(result['loss'] - logged['eval_ema_loss']) < 1e-6
 
 
-def test_validate_reads_a_released_checkpoint_given_its_model_arguments():
+def test_validate_reads_a_released_checkpoint_given_its_released_config():
     result = validate.main([
-        '--data-dir', digits_folder(), '--checkpoint', os.path.join(FIXTURES, 'official_small_checkpoint.pth'),
-        '--model', 'rmt_t', '--model-kwargs', 'embed_dims=(16,32,48,64)', 'depths=(1,2,2,1)', 'num_heads=(2,2,4,4)',
-        'layer_scales=(False,False,True,True)', 'projection=128', '--num-classes', '10', '--img-size', '32',
-        '--workers', '0', '--device', 'cpu'])
+        '--data-dir', digits_folder(), '--checkpoint', str(SMALL_CHECKPOINT), '--model', 'rmt_t',
+        '--official-config', str(SMALL_CONFIG), '--img-size', '32', '--workers', '0', '--device', 'cpu'])
     assert result['images'] == 360 and 0 <= result['top1'] <= 100 and result['loss'] > 0
+
+
+def test_validate_takes_a_converted_file_of_a_custom_config_with_no_model_flags(tmp_path):
+    converted = str(tmp_path / 'small.safetensors')
+    load_script('convert_checkpoint').main([str(SMALL_CHECKPOINT), converted, '--model', 'rmt_t', '--official-config',
+                                            str(SMALL_CONFIG), '--verify-size', '32'])
+    result = validate.main(['--data-dir', digits_folder(), '--checkpoint', converted, '--workers', '0',
+                            '--device', 'cpu'])
+    assert result['model'] == 'rmt_t' and result['images'] == 360 and result['img_size'] == 224
+    assert 0 <= result['top1'] <= 100 and result['loss'] > 0
+
+
+def test_importing_the_validation_and_conversion_scripts_leaves_pillow_alone():
+    run(['-c', 'from PIL import ImageOps; before = ImageOps.posterize; from tests.helpers import load_script; '
+               'load_script("validate"); load_script("convert_checkpoint"); assert ImageOps.posterize is before'])
