@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Tuple
 import torch
 from torch import nn
 
-from timm.layers import is_exportable, register_notrace_module
+from timm.layers import register_notrace_module
 
 __all__ = ['decay_rates', 'rotary_angles', 'rotary_tables', 'decay_masks_1d', 'manhattan_mask', 'theta_shift',
            'theta_shift_reference',
@@ -110,8 +110,7 @@ class SpatialDecay(nn.Module):
     """Rotary and Manhattan-decay tables of one stage, cached per (H, W, device, dtype).
 
     The full (n, HW, HW) mask is built only when ``with_2d`` asks for it (full-attention stages on
-    the materialised-mask paths); the decomposed and blocked paths need only the 1-D masks. A stage
-    built under timm's ``exportable`` config never makes the complex rotation table.
+    the materialised-mask paths); the decomposed and blocked paths need only the 1-D masks.
     """
     cache_size: int = 8
     __jit_ignored_attributes__ = ['_cache']
@@ -124,14 +123,13 @@ class SpatialDecay(nn.Module):
         self.head_dim = dim // num_heads
         self.decay_exponent = float(decay_exponent)
         self.heads_range = float(heads_range)
-        self.complex_rotation = not is_exportable()
         self._cache: 'OrderedDict' = OrderedDict()
 
     def build(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> DecayTables:
         """Compute the tables from scratch (what the cache stores)."""
         decay = decay_rates(self.num_heads, self.decay_exponent, self.heads_range)
         sin, cos = rotary_tables(rotary_angles(self.head_dim), H, W, device, dtype)
-        if (dtype == torch.float32 or dtype == torch.float64) and self.complex_rotation:
+        if dtype == torch.float32 or dtype == torch.float64:
             rotation = torch.stack((cos[..., 0::2], sin[..., 1::2]), dim=-1)
         else:
             rotation = torch.empty(0, device=device, dtype=dtype)

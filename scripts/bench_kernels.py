@@ -13,19 +13,15 @@ bandwidth; ``--sweep`` also times the kernels' tile, block and warp settings.
 """
 import argparse
 import itertools
-import os
 import statistics
-import sys
 import time
 
+import timm
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import timm  # noqa: E402
-import rmt  # noqa: E402,F401
-from rmt import kernels  # noqa: E402
-from rmt.attention import decomposed_attention, full_attention  # noqa: E402
-from rmt.decay import theta_shift  # noqa: E402
+from rmt import kernels
+from rmt.attention import decomposed_attention, full_attention
+from rmt.decay import theta_shift
 
 
 def parse_args(argv=None):

@@ -10,8 +10,7 @@ import torch
 from rmt import kernels
 from rmt.attention import decomposed_attention, full_attention, select_attn_impl
 from rmt.decay import SpatialDecay, theta_shift
-
-from conftest import load_small
+from tests.helpers import load_small
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 needs_kernels = pytest.mark.skipif(not kernels.supports(torch.empty(0, device=DEVICE), 16),
