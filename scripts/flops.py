@@ -12,11 +12,14 @@ replaces, so every attention path (``--impl``) gives the same count.
 """
 import argparse
 import time
+import warnings
 
 import timm
 
 import rmt
 from rmt.flops import count_flops
+
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 
 # fvcore's FlopCountAnalysis on the released code at 224 px (GFLOPs), the paper's table (GFLOPs), params
 RELEASED_GFLOPS = {'rmt_t': 2.65, 'rmt_s': 4.80, 'rmt_b': 10.41, 'rmt_l': 19.55}

@@ -15,8 +15,8 @@ from rmt.checkpoint import AtomicCheckpointSaver
 from rmt.cli import ScriptError, parse_args_with_config
 from rmt.data import write_digits_folder
 from tests.helpers import (
-    FIXTURES, REPO, SCRIPTS, SMOKE_CONFIG, digits_folder, env, load_script, read_summary, script, session_dir,
-    smoke_args, smoke_run)
+    FIXTURES, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, digits_folder, env, load_script, read_summary, script,
+    session_dir, small_kwargs, smoke_args, smoke_run)
 
 train = load_script('train')
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -133,26 +133,25 @@ def test_class_count_mismatch_fails_at_start_with_a_clear_message(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_finetune_from_released_checkpoint_with_a_new_class_count(tmp_path):
+def test_finetune_from_released_checkpoint_of_a_released_config_with_a_new_class_count(tmp_path):
     data = write_digits_folder(str(tmp_path / 'five-digits'), classes=range(5), limit=500)
     fixture = str(FIXTURES / 'official_small_checkpoint.pth')
-    kwargs = ['embed_dims=(16,32,48,64)', 'depths=(1,2,2,1)', 'num_heads=(2,2,4,4)',
-              'layer_scales=(False,False,True,True)', 'projection=128']
     script('train', '--config', REPO / 'configs' / 'rmt_s_transfer.yaml',
            '--data-dir', data, '--device', 'cpu', '--output', str(tmp_path), '--experiment', 'ft',
-           '--model', 'rmt_t', '--model-kwargs', *kwargs, '--pretrained', '--pretrained-path', fixture,
+           '--model', 'rmt_t', '--official-config', SMALL_CONFIG, '--pretrained', '--pretrained-path', fixture,
            '--num-classes', '5', '--img-size', '40', '--epochs', '1', '--lr', '1e-12', '--warmup-epochs', '0',
            '--workers', '0', '-b', '50')
 
-    trained = load(tmp_path / 'ft' / 'last.pth.tar')['state_dict']
-    model = timm.create_model('rmt_t', num_classes=10, embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1),
-                              num_heads=(2, 2, 4, 4), layer_scales=(False, False, True, True), projection=128)
-    released = rmt.checkpoint_filter_fn(rmt.load_checkpoint_file(fixture), model)
+    saved = load(tmp_path / 'ft' / 'last.pth.tar')
+    trained = saved['state_dict']
+    released = rmt.checkpoint_filter_fn(rmt.load_checkpoint_file(fixture), timm.create_model('rmt_t', **small_kwargs()))
     assert trained['head.fc.weight'].shape == (5, 128)  # a new 5-class classifier
     backbone = [k for k in trained if not k.startswith('head.fc.')]
     assert backbone and all(torch.allclose(trained[k].float(), released[k].float(), atol=1e-5)
                             for k in backbone if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
     assert read_summary(str(tmp_path / 'ft'))[0]['eval_top1'] >= 0  # trained and evaluated at 40 px
+    # the run's arguments name the config's kwargs themselves, not the file they came from
+    assert saved['args'].official_config == '' and saved['args'].model_kwargs == small_kwargs()
 
 
 def test_every_config_is_made_of_train_py_flags():
