@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from rmt.blocks import DWConv, LayerNorm, gelu_dwconv
+from rmt.blocks import LayerNorm, ResidualDWConv, gelu_dwconv
 
 
 def test_gelu_dwconv_matches_gelu_then_conv_with_gradients():
@@ -20,7 +20,7 @@ def test_gelu_dwconv_matches_gelu_then_conv_with_gradients():
 
 
 def test_ffn_dwconv_keeps_its_input_not_the_gelu_output_for_backward():
-    conv = DWConv(16, gelu_first=True)
+    conv = ResidualDWConv(16, gelu_first=True)
     x = torch.randn(2, 8, 8, 16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -30,7 +30,7 @@ def test_ffn_dwconv_keeps_its_input_not_the_gelu_output_for_backward():
 
 
 def test_gelu_first_dwconv_is_gelu_plus_its_depthwise_conv():
-    conv = DWConv(16, gelu_first=True)
+    conv = ResidualDWConv(16, gelu_first=True)
     x = torch.randn(2, 5, 6, 16)
     h = F.gelu(x)
     conv_h = F.conv2d(h.permute(0, 3, 1, 2), conv.conv.weight, conv.conv.bias, padding=1, groups=16)

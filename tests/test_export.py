@@ -137,7 +137,7 @@ def test_exportable_model_uses_explicit_matmul_attention():
 def test_traced_graph_holds_no_complex_numbers(rmt_t):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        traced = torch.jit.trace(rmt_t, torch.randn(1, 3, 64, 64))
+        traced = torch.jit.trace(rmt_t, torch.randn(1, 3, 64, 64), check_trace=False)
     kinds = {node.kind() for node in traced.inlined_graph.nodes()}
     assert not {k for k in kinds if 'complex' in k}, kinds
 
