@@ -12,6 +12,7 @@ checkpoints load through timm::
 
     model = timm.create_model('rmt_s', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth'))
 """
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -136,6 +137,7 @@ class RMT(nn.Module):
         attn_impl: attention path, one of ``rmt.ATTN_IMPLS`` ('auto' picks by device and size, or
             'reference' when timm's ``use_fused_attn()`` is off, as under ``exportable=True``).
         device, dtype: where and in which dtype to create the parameters.
+        init_values: the former name of ``decay_exponents``, still accepted with a warning.
     """
 
     def __init__(
@@ -160,8 +162,13 @@ class RMT(nn.Module):
             attn_impl: str = 'auto',
             device: Optional[Union[str, torch.device]] = None,
             dtype: Optional[torch.dtype] = None,
+            init_values: Optional[Sequence[float]] = None,
     ):
         super().__init__()
+        if init_values is not None:
+            warnings.warn("RMT's 'init_values' is now 'decay_exponents' (in timm, init_values is LayerScale's "
+                          "initial value); the old name will be removed", FutureWarning, stacklevel=2)
+            decay_exponents = init_values
         num_stages = len(depths)
         for name, value in (('embed_dims', embed_dims), ('num_heads', num_heads), ('decay_exponents', decay_exponents),
                             ('heads_ranges', heads_ranges), ('mlp_ratios', mlp_ratios),

@@ -276,3 +276,9 @@ def test_fx_trace_trains_and_scripts():
     scripted = torch.jit.script(_fx(model.eval()))
     with torch.inference_mode():
         assert list(scripted(torch.randn(1, 3, 64, 64)).values())[0].shape == (1, 42)
+
+
+def test_former_init_values_name_still_sets_the_decay_with_a_warning():
+    with pytest.warns(FutureWarning, match='decay_exponents'):
+        model = timm.create_model('rmt_t', init_values=(3, 3, 2, 2))
+    assert [stage.decay.decay_exponent for stage in model.stages] == [3., 3., 2., 2.]
