@@ -183,7 +183,7 @@ def test_flex_with_heads_under_16_channels_takes_the_blocked_path():
     assert select_attn_impl('flex', False, 2, torch.empty(1, 8, 8, 48)) == 'flex'
 
 
-# --- CUDA only: half precision ---------------------------------------------------------------------
+# --- half precision (bfloat16 at full size on CUDA) --------------------------------------------------
 
 def relative_error(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
