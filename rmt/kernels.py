@@ -217,6 +217,20 @@ if triton is not None:
         tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _key_block(K, V, ROT, q, lse, t_q, start, seq, slope, L, SEQS, N_INNER, HW, C, head, D, IMG_W, SEQ_POS,
+                   TOK_POS, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DIST2D: tl.constexpr, IEEE: tl.constexpr):
+        """Rotated keys, values and softmax probabilities (from the saved log-sum-exp) of the key block at
+        ``start`` of a long sequence, for scaled queries ``q``."""
+        valid_k, g_k, t_k, pos_k, row_k = _tokens(
+            start + tl.arange(0, BLOCK_N), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
+        offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
+        cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
+        k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(q.dtype)
+        v = tl.load(V + offs_k, mask=mask_k, other=0.)
+        s = _dot(q, tl.trans(k), IEEE) + _decay_bias(t_q, t_k, slope, IMG_W, DIST2D)
+        return k, v, tl.exp2(tl.where(valid_k[None, :], s, float('-inf')) - lse[:, None])
+
+    @triton.jit
     def _bwd_dq_kernel(
             Q, K, V, DO, DQ, LSE, DELTA, ROT, DECAY,
             L, SEQS, N_INNER, HW, C, NUM_HEADS, D, IMG_W, SEQ_POS, TOK_POS, M_BLOCKS, qk_scale, scale,
@@ -242,28 +256,16 @@ if triton is not None:
 
         out = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         for start in range(0, L, BLOCK_N):
-            valid_k, g_k, t_k, pos_k, row_k = _tokens(
-                start + tl.arange(0, BLOCK_N), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
-            offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-            cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
-            k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(dtype)
-            v = tl.load(V + offs_k, mask=mask_k, other=0.)
-            s = _dot(q, tl.trans(k), IEEE) + _decay_bias(t_q, t_k, slope, IMG_W, DIST2D)
-            p = tl.exp2(tl.where(valid_k[None, :], s, float('-inf')) - lse[:, None])
+            k, v, p = _key_block(K, V, ROT, q, lse, t_q, start, seq, slope, L, SEQS, N_INNER, HW, C, head, D, IMG_W,
+                                 SEQ_POS, TOK_POS, D_PAD, BLOCK_N, DIST2D, IEEE)
             out += _dot(p.to(dtype), v, IEEE)
         delta = tl.sum(do.to(tl.float32) * out, 1)
         tl.store(DELTA + row_q * NUM_HEADS + head, delta, mask=valid_q)
 
         dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         for start in range(0, L, BLOCK_N):
-            valid_k, g_k, t_k, pos_k, row_k = _tokens(
-                start + tl.arange(0, BLOCK_N), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
-            offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-            cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
-            k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(dtype)
-            v = tl.load(V + offs_k, mask=mask_k, other=0.)
-            s = _dot(q, tl.trans(k), IEEE) + _decay_bias(t_q, t_k, slope, IMG_W, DIST2D)
-            p = tl.exp2(tl.where(valid_k[None, :], s, float('-inf')) - lse[:, None])
+            k, v, p = _key_block(K, V, ROT, q, lse, t_q, start, seq, slope, L, SEQS, N_INNER, HW, C, head, D, IMG_W,
+                                 SEQ_POS, TOK_POS, D_PAD, BLOCK_N, DIST2D, IEEE)
             ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dq += _dot(ds.to(dtype), k, IEEE)
         dq = _rotate(dq * scale, cos_q, sin_q, BLOCK_M, D_PAD, True)

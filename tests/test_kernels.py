@@ -50,23 +50,13 @@ FULL = [(2, 4, 6, 2, 16), (1, 7, 7, 2, 32), (1, 9, 10, 2, 8), (1, 5, 30, 1, 12)]
 
 
 @needs_kernels
-@pytest.mark.parametrize('B,H,W,n,d', DECOMPOSED)
-def test_decomposed_masa_matches_reference(B, H, W, n, d):
+@pytest.mark.parametrize('decomposed,B,H,W,n,d', [(True, *s) for s in DECOMPOSED] + [(False, *s) for s in FULL])
+def test_masa_matches_reference(decomposed, B, H, W, n, d):
     q, k, v, lce = inputs(B, H, W, n * d)
     tables = tables_for(H, W, n, d)
     with torch.no_grad():
-        torch.testing.assert_close(fused(q, k, v, lce, tables, n, True), reference(q, k, v, lce, tables, n, True),
-                                   rtol=1e-5, atol=2e-5)
-
-
-@needs_kernels
-@pytest.mark.parametrize('B,H,W,n,d', FULL)
-def test_full_masa_matches_reference(B, H, W, n, d):
-    q, k, v, lce = inputs(B, H, W, n * d)
-    tables = tables_for(H, W, n, d)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(q, k, v, lce, tables, n, False), reference(q, k, v, lce, tables, n, False),
-                                   rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(fused(q, k, v, lce, tables, n, decomposed),
+                                   reference(q, k, v, lce, tables, n, decomposed), rtol=1e-5, atol=2e-5)
 
 
 @needs_kernels
