@@ -76,6 +76,15 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
+    def _program(DECAY, NUM_HEADS, BLOCKS):
+        """(head, block, sequence group) of this program, and the head's decay rate in the exp2 domain.
+        Heads vary fastest, so programs that run together read the same tokens' channels."""
+        pid = tl.program_id(0)
+        head = pid % NUM_HEADS
+        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
+        return head, (pid // NUM_HEADS) % BLOCKS, pid // (NUM_HEADS * BLOCKS), slope
+
+    @triton.jit
     def _tokens(u, group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS):
         """Index ``u`` among a program's packed sequences -> (valid, sequence slot, index in the sequence,
         raster position i * W + j, token row in the (B * H * W, C) matrix)."""
@@ -133,11 +142,7 @@ if triton is not None:
     ):
         """Attention of one block of queries; ``SINGLE``: the program's packed sequences fit one tile, whose
         keys are its queries, so their tokens, rotation and loads are shared."""
-        pid = tl.program_id(0)
-        head = pid % NUM_HEADS
-        m_block = (pid // NUM_HEADS) % M_BLOCKS
-        group = pid // (NUM_HEADS * M_BLOCKS)
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634  # exp2 domain
+        head, m_block, group, slope = _program(DECAY, NUM_HEADS, M_BLOCKS)
         dtype = V.dtype.element_ty
 
         valid_q, g_q, t_q, pos_q, row_q = _tokens(
@@ -184,10 +189,7 @@ if triton is not None:
     ):
         """Gradients of packed short sequences, all in one tile: the softmax, the output (for the
         row sums of dO * O) and every product are recomputed in registers."""
-        pid = tl.program_id(0)
-        head = pid % NUM_HEADS
-        group = pid // NUM_HEADS
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
+        head, _, group, slope = _program(DECAY, NUM_HEADS, 1)
         dtype = V.dtype.element_ty
 
         valid, g, t, pos, row = _tokens(tl.arange(0, BLOCK), group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS)
@@ -239,11 +241,7 @@ if triton is not None:
     ):
         """dq of one query block of a long sequence. A first sweep over the keys rebuilds the block's
         output for the row sums of dO * O (stored for the dk/dv kernel), a second accumulates dq."""
-        pid = tl.program_id(0)
-        head = pid % NUM_HEADS
-        m_block = (pid // NUM_HEADS) % M_BLOCKS
-        seq = pid // (NUM_HEADS * M_BLOCKS)
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
+        head, m_block, seq, slope = _program(DECAY, NUM_HEADS, M_BLOCKS)
         dtype = V.dtype.element_ty
 
         valid_q, g_q, t_q, pos_q, row_q = _tokens(
@@ -281,11 +279,7 @@ if triton is not None:
             ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
     ):
         """dk and dv of one key block of a long sequence, sweeping over the query blocks."""
-        pid = tl.program_id(0)
-        head = pid % NUM_HEADS
-        n_block = (pid // NUM_HEADS) % N_BLOCKS
-        seq = pid // (NUM_HEADS * N_BLOCKS)
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
+        head, n_block, seq, slope = _program(DECAY, NUM_HEADS, N_BLOCKS)
         dtype = V.dtype.element_ty
 
         valid_k, g_k, t_k, pos_k, row_k = _tokens(
