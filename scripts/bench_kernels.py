@@ -114,10 +114,10 @@ def main(argv=None):
                 times[path] = (bench(fwd, args.device), bench(fwd_bwd, args.device))
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. a mask too large for the device
                 print(f'| {i + 1} | {H}x{W} | {form} | {path} | failed: {str(e).splitlines()[0][:80]} |')
-                continue
-            ratio = times['sdpa'][0] / times[path][0] if 'sdpa' in times else float('nan')
-            print(f'| {i + 1} | {H}x{W} | {form} | {path} | {times[path][0]:.3f} | {times[path][1]:.3f} | '
-                  f'{floor:.3f} | {ratio:.2f}x |', flush=True)
+        for path, (fwd_ms, both_ms) in times.items():
+            ratio = times['sdpa'][0] / fwd_ms if 'sdpa' in times else float('nan')
+            print(f'| {i + 1} | {H}x{W} | {form} | {path} | {fwd_ms:.3f} | {both_ms:.3f} | {floor:.3f} | '
+                  f'{ratio:.2f}x |', flush=True)
         if args.sweep and 'triton' in args.paths:
             sweep_rows += sweep(stage, H, W, q, k, v, lce, grad, args)
     if sweep_rows:
