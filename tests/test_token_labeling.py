@@ -4,6 +4,7 @@ import math
 import os
 import random
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -17,9 +18,13 @@ from rmt.token_labeling import (
     dense_targets, label_file_path, mix_tokens, mixtoken_lam, pack_target, read_label_file, sample_mixtoken_box,
     unmix_tokens, unpack_targets)
 
-from _rmt_training import one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _rmt_training import SCRIPTS, make_digits_folder, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+sys.path.insert(0, SCRIPTS)
+import make_token_labels  # noqa: E402
 
 TINY_RMT = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), projection=32)
+TINY_RMT_ARGS = ['embed_dims=(16,32,48,64)', 'depths=(1,1,1,1)', 'num_heads=(1,1,2,2)', 'projection=32']
 
 # A 2x2 label map, top-1 per cell, 3 classes: (row, col) -> (class, logit)
 CELLS = {(0, 0): (0, 2.), (0, 1): (1, 4.), (1, 0): (2, 1.), (1, 1): (1, 2.)}
@@ -298,7 +303,7 @@ def test_dataset_refuses_labels_written_for_other_classes(tmp_path):
         TokenLabelDataset(dataset, str(tmp_path / 'labels'))
 
 
-# --- teachers -----------------------------------------------------------------------------------------
+# --- teachers and make_token_labels.py -------------------------------------------------------------------
 
 def test_dense_teacher_of_rmt_averages_to_its_logits():
     torch.manual_seed(0)
@@ -330,3 +335,85 @@ def test_dense_teacher_aux_head_labels_the_last_stage_tokens():
         feats = model.forward_features(x)
         expected = model.aux_head(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         assert torch.allclose(DenseTeacher(model, head='aux')(x), expected, atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def labelled(tmp_path_factory):
+    """Three digit classes at 64 px, a tiny RMT teacher saved as a plain state dict, and its label files."""
+    root = tmp_path_factory.mktemp('tl')
+    images = make_digits_folder(str(root / 'digits'), classes=range(3), size=64, limit=24)
+    torch.manual_seed(0)
+    teacher = timm.create_model('rmt_t', num_classes=3, **TINY_RMT).eval()
+    torch.save(teacher.state_dict(), root / 'teacher.pth')
+    result = make_token_labels.main([
+        os.path.join(images, 'train'), str(root / 'labels'), '--model', 'rmt_t', '--model-kwargs', *TINY_RMT_ARGS,
+        '--num-classes', '3', '--checkpoint', str(root / 'teacher.pth'), '--img-size', '96', '--topk', '2',
+        '-j', '0', '-b', '8', '--device', 'cpu'])
+    return root, os.path.join(images, 'train'), teacher, result
+
+
+def test_make_token_labels_writes_the_teachers_topk_per_location(labelled):
+    root, train, teacher, result = labelled
+    dataset = timm.data.create_dataset('', root=train)
+    assert result['written'] == len(dataset) == 20 and result['grid'] == [3, 3]
+    path = label_file_path(str(root / 'labels'), dataset.filename(0))
+    stored = torch.load(path, weights_only=True)
+    assert stored.dtype == torch.float16 and stored.shape == (2, 2, 3, 3)  # the released format
+    x = timm.data.create_transform(96, interpolation='bicubic', crop_pct=1.0, crop_mode='squash')(dataset[0][0])[None]
+    with torch.no_grad():
+        scores, ids = DenseTeacher(teacher)(x)[0].topk(2, dim=0)
+    assert torch.equal(stored[1].long(), ids)
+    assert torch.allclose(stored[0].float(), scores, atol=1e-2)  # float16
+    meta = json.loads((root / 'labels' / META_FILE).read_text())
+    assert meta['classes'] == ['digit0', 'digit1', 'digit2'] and meta['topk'] == 2
+
+
+def test_dataset_reads_what_make_token_labels_writes(labelled):
+    root, train, _, _ = labelled
+    dataset = timm.data.create_dataset('', root=train)
+    labels = TokenLabelDataset(dataset, str(root / 'labels'), num_classes=3,
+                               joint_transform=TokenLabelTransform(32, auto_augment='rand-m9-mstd0.5-inc1'))
+    assert labels.label_shape == (2, 2, 3, 3)
+    img, packed = labels[3]
+    classes, boxes, label_maps = unpack_targets(packed[None])
+    assert img.size == (32, 32) and classes.item() == dataset[3][1] and label_maps.shape == (1, 2, 2, 3, 3)
+    assert 0 <= boxes.min() and boxes.max() <= 1
+
+
+def test_make_token_labels_verify_reads_the_label_set(labelled):
+    root, train, _, _ = labelled
+    result = make_token_labels.main([train, str(root / 'labels'), '--verify', '--num-classes', '3', '-j', '0'])
+    assert result['label_files'] == 20 and result['shape'] == [2, 2, 3, 3]
+
+
+def test_make_token_labels_refuses_a_checkpoint_whose_classifier_does_not_fit(labelled):
+    root, train, _, _ = labelled
+    with pytest.raises(SystemExit) as e:
+        make_token_labels.main([
+            train, str(root / 'other'), '--model', 'rmt_t', '--model-kwargs', *TINY_RMT_ARGS, '--num-classes', '5',
+            '--checkpoint', str(root / 'teacher.pth'), '-j', '0', '--device', 'cpu'])
+    assert 'classifier was not loaded' in str(e.value)
+    assert not os.path.exists(root / 'other')
+
+
+def test_make_token_labels_continues_a_label_set_only_with_the_same_teacher_settings(labelled):
+    root, train, _, _ = labelled
+    common = [train, str(root / 'labels'), '--model', 'rmt_t', '--model-kwargs', *TINY_RMT_ARGS, '--num-classes', '3',
+              '--checkpoint', str(root / 'teacher.pth'), '--img-size', '96', '-j', '0', '--device', 'cpu',
+              '--skip-existing']
+    assert make_token_labels.main(common + ['--topk', '2'])['written'] == 0
+    with pytest.raises(SystemExit) as e:
+        make_token_labels.main(common + ['--topk', '3'])
+    assert 'written with other settings (topk)' in str(e.value)
+
+
+def test_make_token_labels_takes_any_timm_classifier_as_teacher(labelled):
+    root, train, _, _ = labelled
+    torch.manual_seed(0)
+    torch.save(timm.create_model('resnet10t', num_classes=3).state_dict(), root / 'resnet.pth')
+    result = make_token_labels.main([
+        train, str(root / 'resnet_labels'), '--model', 'resnet10t', '--num-classes', '3', '--checkpoint',
+        str(root / 'resnet.pth'), '--img-size', '64', '--topk', '3', '-j', '0', '--device', 'cpu'])
+    assert result['written'] == 20 and result['grid'] == [2, 2]
+    labels = TokenLabelDataset(timm.data.create_dataset('', root=train), str(root / 'resnet_labels'), num_classes=3)
+    assert labels.label_shape == (2, 3, 2, 2)
