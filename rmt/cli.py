@@ -8,7 +8,7 @@ import argparse
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import yaml
@@ -24,7 +24,8 @@ from .model import RMT
 
 __all__ = [
     'ScriptError', 'run_main', 'default_device', 'default_workers', 'parse_args_with_config', 'add_model_args',
-    'model_kwargs_from_args', 'read_checkpoint', 'saved_settings', 'describe_weights', 'load_weights', 'build_model',
+    'model_kwargs_from_args', 'read_checkpoint', 'saved_settings', 'apply_saved_settings', 'describe_weights',
+    'load_weights', 'build_model',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -151,6 +152,22 @@ def saved_settings(path: str, checkpoint: Optional[Dict[str, Any]] = None) -> Di
     if isinstance(checkpoint.get('args'), argparse.Namespace) and isinstance(checkpoint.get('state_dict'), dict):
         return vars(checkpoint['args'])
     return {}
+
+
+def apply_saved_settings(args, keys: Sequence[str]) -> Dict[str, Any]:
+    """Read ``args.checkpoint`` and set each of ``keys`` that ``args`` leaves unset (None or {}) to the value the
+    file carries (:func:`saved_settings`): a run's model, kwargs, class count, ... need not be repeated.
+
+    Returns the checkpoint as read (weights-only), or {} without ``--checkpoint``.
+    """
+    if not args.checkpoint:
+        return {}
+    state = read_checkpoint(args.checkpoint)
+    saved = saved_settings(args.checkpoint, state)
+    for key in keys:
+        if getattr(args, key) in (None, {}) and saved.get(key) not in (None, {}):
+            setattr(args, key, saved[key])
+    return state
 
 
 def describe_weights(checkpoint: Dict[str, Any], use_ema: bool) -> str:

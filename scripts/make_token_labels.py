@@ -21,28 +21,27 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from contextlib import suppress
 from functools import partial
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    ScriptError, add_model_kwargs_arg, atomic_torch_save, build_model, dataset_classes, default_device,
-    load_weights, open_dataset, read_checkpoint, run_main)
+from timm import utils
+from timm.data import create_transform, resolve_data_config
 
-from timm import utils  # noqa: E402
-from timm.data import create_transform, resolve_data_config  # noqa: E402
-
-from rmt.token_labeling import (  # noqa: E402
+from rmt.checkpoint import atomic_torch_save
+from rmt.cli import (
+    ScriptError, add_model_args, apply_saved_settings, build_model, default_device, default_workers, load_weights,
+    run_main)
+from rmt.data import dataset_classes, open_dataset
+from rmt.token_labeling import (
     META_FILE, DenseTeacher, TokenLabelDataset, label_file_path, label_map_for_file, read_image, read_meta,
     topk_label_map)
 
 _logger = logging.getLogger('make_token_labels')
 
-# settings a checkpoint written by scripts/train.py supplies when they are not given
+# settings a checkpoint written by scripts/train.py (or a converted file) supplies when they are not given
 FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans')
 
 
@@ -85,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--checkpoint', default='', metavar='FILE',
                    help='teacher weights: a checkpoint of scripts/train.py, a released RMT .pth, or .safetensors')
     p.add_argument('--use-ema', action='store_true', default=False, help='the EMA weights of the checkpoint')
-    add_model_kwargs_arg(p)
+    add_model_args(p)
     p.add_argument('--num-classes', type=int, default=None, help="teacher classes (default: the checkpoint's)")
     p.add_argument('--in-chans', type=int, default=None)
     p.add_argument('--dense-head', default='classifier', choices=('classifier', 'aux'),
@@ -102,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--any-classes', action='store_true', default=False,
                    help="allow a teacher whose class count differs from the folder's (its ids are written as they are)")
     p.add_argument('-b', '--batch-size', type=int, default=64)
-    p.add_argument('-j', '--workers', type=int, default=4)
+    p.add_argument('-j', '--workers', type=int, default=default_workers(),
+                   help='data-loading processes (default: 4, or the number of cores if fewer)')
     p.add_argument('--log-interval', type=int, default=50, metavar='N', help='log progress every N batches')
     p.add_argument('--device', default=default_device(), help='default: cuda when available, else cpu')
     p.add_argument('--amp', action='store_true', default=False)
@@ -112,14 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_teacher(args) -> torch.nn.Module:
     """The teacher, its weights loaded, with a check that its classifier came from the weights it was given."""
-    state = read_checkpoint(args.checkpoint) if args.checkpoint else {}
-    ours = isinstance(state.get('args'), argparse.Namespace) and isinstance(state.get('state_dict'), dict)
-    trained = vars(state['args']) if ours else {}
-    for key in FROM_TRAINING:
-        if getattr(args, key) in (None, {}) and trained.get(key) not in (None, {}):
-            setattr(args, key, trained[key])
+    state = apply_saved_settings(args, FROM_TRAINING)
     if not args.model:
-        raise ScriptError('--model is required (only checkpoints written by scripts/train.py name their model)')
+        raise ScriptError('--model is required (only checkpoints written by scripts/train.py and files converted by '
+                          'scripts/convert_checkpoint.py name their model)')
     if not (args.pretrained or args.checkpoint):
         raise ScriptError('the teacher needs weights: --pretrained (timm\'s) or --checkpoint FILE')
     model = build_model(args, args.num_classes)

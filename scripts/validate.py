@@ -24,8 +24,8 @@ from timm.data import resolve_data_config
 
 from rmt.checkpoint import has_ema
 from rmt.cli import (
-    ScriptError, add_model_args, build_model, default_device, default_workers, load_weights, parse_args_with_config,
-    read_checkpoint, run_main, saved_settings)
+    ScriptError, add_model_args, apply_saved_settings, build_model, default_device, default_workers, load_weights,
+    parse_args_with_config, run_main)
 from rmt.data import check_num_classes, create_eval_loader, dataset_classes, open_dataset
 from rmt.evaluate import evaluate
 
@@ -71,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     utils.setup_default_logging()
     args = parse_args_with_config(build_parser(), argv)
-    state = read_checkpoint(args.checkpoint) if args.checkpoint else {}
-    trained = saved_settings(args.checkpoint, state) if args.checkpoint else {}
-    for key in FROM_TRAINING:
-        if getattr(args, key) in (None, {}) and trained.get(key) not in (None, {}):
-            setattr(args, key, trained[key])
+    state = apply_saved_settings(args, FROM_TRAINING)
     args.dataset = args.dataset or ''
     args.class_map = args.class_map or ''
     if not args.model:

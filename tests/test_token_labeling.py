@@ -4,7 +4,6 @@ import math
 import os
 import random
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -13,15 +12,15 @@ import torch
 from PIL import Image
 
 import rmt  # noqa: F401  (registers the models)
+from rmt.data import allow_posterize_to_zero_bits, write_digits_folder
 from rmt.token_labeling import (
     META_FILE, DenseTeacher, MixTokenBox, TokenLabelDataset, TokenLabelLoss, TokenLabelOutput, TokenLabelTransform,
     dense_targets, label_file_path, mix_tokens, mixtoken_lam, pack_target, read_label_file, sample_mixtoken_box,
     unmix_tokens, unpack_targets)
+from tests.helpers import load_script
 
-from _rmt_training import SCRIPTS, make_digits_folder, one_thread  # noqa: F401  (one_thread: autouse fixture)
-
-sys.path.insert(0, SCRIPTS)
-import make_token_labels  # noqa: E402
+make_token_labels = load_script('make_token_labels')
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 TINY_RMT = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), projection=32)
 TINY_RMT_ARGS = ['embed_dims=(16,32,48,64)', 'depths=(1,1,1,1)', 'num_heads=(1,1,2,2)', 'projection=32']
@@ -333,7 +332,7 @@ def test_dense_teacher_aux_head_labels_the_last_stage_tokens():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         feats = model.forward_features(x)
-        expected = model.aux_head(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        expected = model.aux_head(feats).permute(0, 3, 1, 2)  # features are (B, h, w, C)
         assert torch.allclose(DenseTeacher(model, head='aux')(x), expected, atol=1e-6)
 
 
@@ -341,7 +340,7 @@ def test_dense_teacher_aux_head_labels_the_last_stage_tokens():
 def labelled(tmp_path_factory):
     """Three digit classes at 64 px, a tiny RMT teacher saved as a plain state dict, and its label files."""
     root = tmp_path_factory.mktemp('tl')
-    images = make_digits_folder(str(root / 'digits'), classes=range(3), size=64, limit=24)
+    images = write_digits_folder(str(root / 'digits'), classes=range(3), size=64, limit=24)
     torch.manual_seed(0)
     teacher = timm.create_model('rmt_t', num_classes=3, **TINY_RMT).eval()
     torch.save(teacher.state_dict(), root / 'teacher.pth')
@@ -370,6 +369,7 @@ def test_make_token_labels_writes_the_teachers_topk_per_location(labelled):
 
 def test_dataset_reads_what_make_token_labels_writes(labelled):
     root, train, _, _ = labelled
+    allow_posterize_to_zero_bits()  # the paper's RandAugment policy with Pillow >= 13, as train.py does
     dataset = timm.data.create_dataset('', root=train)
     labels = TokenLabelDataset(dataset, str(root / 'labels'), num_classes=3,
                                joint_transform=TokenLabelTransform(32, auto_augment='rand-m9-mstd0.5-inc1'))
