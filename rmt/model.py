@@ -7,7 +7,9 @@ and columns; the last stage(s) attend over all tokens.
 
 Features are channels-last (B, H, W, C) from the stem to the classifier, so ``forward_features``
 returns NHWC (``output_fmt``, as timm's MambaOut); ``forward_intermediates`` and ``features_only``
-give NCHW stage outputs. Checkpoint files are read and mapped in :mod:`rmt.checkpoint`. Released
+give NCHW stage outputs. Token-labeling models (``token_label=True``, the ``*.in1k_tl`` tags) fuse
+their aux head into the logits; trained with token labels (:meth:`RMT.set_token_label_training`)
+they return what the token-labeling loss needs instead. Checkpoint files are read and mapped in :mod:`rmt.checkpoint`. Released
 checkpoints load through timm::
 
     model = timm.create_model('rmt_s', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth'))
@@ -30,6 +32,7 @@ from timm.models._manipulate import checkpoint
 from .attention import ATTN_IMPLS
 from .blocks import RMTStage, Stem
 from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, read_model_metadata, released_names_hook
+from .mixtoken import TokenLabelOutput, mix_tokens, sample_mixtoken_box, unmix_tokens
 
 __all__ = ['RMT', 'RMTHead', 'MODEL_ARGS']
 
@@ -130,7 +133,8 @@ class RMT(nn.Module):
         decomposed: per-stage flag, MaSA decomposed along rows and columns (else full attention).
         layer_scales: per-stage flag for LayerScale, initialised to ``layer_init_values``.
         projection: width of the head's per-token projection.
-        token_label: add the token-labeling aux head; logits become ``cls + 0.5 * max_tokens(aux)``.
+        token_label: add the token-labeling aux head; logits become ``cls + 0.5 * max_tokens(aux)``
+            (see :meth:`set_token_label_training` for training with token labels).
         feature_norm: add a LayerNorm per stage output, applied to every intermediate (stage feature)
             taken, as the paper's detection and segmentation backbones do.
         drop_rate, drop_path_rate: classifier dropout, stochastic depth (linear over blocks).
@@ -179,6 +183,7 @@ class RMT(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.token_label = token_label and num_classes > 0
+        self.token_label_training = False
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.output_fmt = 'NHWC'
@@ -258,6 +263,20 @@ class RMT(nn.Module):
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def set_token_label_training(self, enable: bool = True) -> None:
+        """Train with token labels: in training mode ``forward`` then returns a
+        :class:`~rmt.mixtoken.TokenLabelOutput` (class logits, per-token aux logits, MixToken box).
+
+        Each training forward applies MixToken after the stem, as the released token-labeling
+        models do. Evaluation mode, ``forward_features``, ``forward_head``, ``features_only`` and
+        TorchScript are unaffected. Needs the aux head (``token_label=True``) and a pooling head.
+        """
+        if enable and not (self.token_label and self.head.is_pooled()):
+            raise ValueError('token-label training needs a token-labeling model (token_label=True, the *_tl tags) '
+                             'with classes and a pooling head')
+        self.token_label_training = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -329,7 +348,7 @@ class RMT(nn.Module):
         if prune_end:
             self.num_features = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
-            self.token_label = False
+            self.token_label = self.token_label_training = False
             self.aux_head = nn.Identity()
             self.reset_classifier(0, '', reset_other=True)
         return take_indices
@@ -358,7 +377,20 @@ class RMT(nn.Module):
         aux = self.aux_head(x.flatten(1, 2))
         return out + 0.5 * aux.max(dim=1)[0]
 
+    @torch.jit.unused
+    def forward_token_label(self, x: torch.Tensor) -> TokenLabelOutput:
+        """A token-labeling training step's outputs: MixToken on the stem's tokens, then class logits
+        (B, num_classes) and per-token aux logits (B, h, w, num_classes) with the box's tokens un-mixed."""
+        check_input(x, self.in_chans)
+        x = self.forward_stem(x)
+        scale = 2 ** (len(self.stages) - 1)  # stem tokens per last-stage token, along each side
+        box = sample_mixtoken_box((-(-x.shape[1] // scale), -(-x.shape[2] // scale)))
+        x = self.stages(mix_tokens(x, box, scale))
+        return TokenLabelOutput(self.head(x), unmix_tokens(self.aux_head(x), box), box)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.token_label_training and self.training:
+            return self.forward_token_label(x)
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore

@@ -43,6 +43,9 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from timm.loss import SoftTargetCrossEntropy
 
+from .mixtoken import (
+    MixTokenBox, TokenLabelOutput, mix_tokens, mixtoken_lam, sample_mixtoken_box, unmix_tokens)  # noqa: F401 (API)
+
 __all__ = [
     'LABEL_SUFFIX', 'META_FILE', 'PAPER_AUTO_AUGMENT', 'label_file_path', 'check_label_map', 'read_label_file',
     'topk_label_map', 'label_map_for_file', 'read_meta', 'read_image', 'pack_target', 'TokenLabelTargets',
@@ -428,78 +431,23 @@ def dense_targets(
     rows, and all four are scaled by the map width. ``False`` gives boxes in the crop's own axes.
     """
     batch, _, _, h, w = label_maps.shape
-    scores, ids = label_maps[:, 0].float(), label_maps[:, 1].long()
-    dense = scores.new_zeros(batch, num_classes, h, w).scatter_(1, ids, scores)
-    top, left, bottom, right = boxes.float().to(dense.device).unbind(1)
-    if release_boxes:
-        rois = torch.stack([top, left, bottom, right], 1) * w
-    else:
-        rois = torch.stack([left * w, top * h, right * w, bottom * h], 1)
-    rois = torch.cat([torch.arange(batch, device=dense.device, dtype=dense.dtype)[:, None], rois - 0.5], 1)
-    off = smoothing / num_classes
-    on = 1. - smoothing + off
-    crop = roi_align(dense, rois, output_size=(1, 1), aligned=False).flatten(1)
-    tokens = roi_align(dense, rois, output_size=tuple(grid), aligned=False)
-    return crop.softmax(1) * on + off, tokens.softmax(1).permute(0, 2, 3, 1) * on + off
+    with torch.autocast(label_maps.device.type, enabled=False):  # float32 targets, also inside an AMP step
+        scores, ids = label_maps[:, 0].float(), label_maps[:, 1].long()
+        dense = scores.new_zeros(batch, num_classes, h, w).scatter_(1, ids, scores)
+        top, left, bottom, right = boxes.float().to(dense.device).unbind(1)
+        if release_boxes:
+            rois = torch.stack([top, left, bottom, right], 1) * w
+        else:
+            rois = torch.stack([left * w, top * h, right * w, bottom * h], 1)
+        rois = torch.cat([torch.arange(batch, device=dense.device, dtype=dense.dtype)[:, None], rois - 0.5], 1)
+        off = smoothing / num_classes
+        on = 1. - smoothing + off
+        crop = roi_align(dense, rois, output_size=(1, 1), aligned=False).flatten(1)
+        tokens = roi_align(dense, rois, output_size=tuple(grid), aligned=False)
+        return crop.softmax(1) * on + off, tokens.softmax(1).permute(0, 2, 3, 1) * on + off
 
 
-# --- MixToken ----------------------------------------------------------------------------------------
-
-class MixTokenBox(NamedTuple):
-    """Rows ``top:bottom`` and columns ``left:right`` of the output token grid (empty when the areas are 0)."""
-    top: int
-    left: int
-    bottom: int
-    right: int
-
-
-def sample_mixtoken_box(grid: Tuple[int, int], alpha: float = 1.0) -> MixTokenBox:
-    """One MixToken box on the output token ``grid`` (gh, gw), as the release samples it (R ``RMT.py``).
-
-    lam ~ Beta(alpha, alpha) (the release: 1, uniform); sides ``int(g * sqrt(1 - lam))``; a centre at a
-    random token; corners centre -/+ side // 2, clipped to the grid. Draws from torch's global generator,
-    which the trainer seeds per epoch and rank, so every process (GPU batch) gets its own box.
-    """
-    gh, gw = grid
-    lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
-    cut = math.sqrt(1. - lam)
-    cut_h, cut_w = int(gh * cut), int(gw * cut)
-    cy, cx = int(torch.randint(gh, ())), int(torch.randint(gw, ()))
-    return MixTokenBox(max(cy - cut_h // 2, 0), max(cx - cut_w // 2, 0), min(cy + cut_h // 2, gh),
-                       min(cx + cut_w // 2, gw))
-
-
-def mix_tokens(x: torch.Tensor, box: MixTokenBox, scale: int = 1) -> torch.Tensor:
-    """Tokens (B, H, W, C) with those in ``box`` (output-grid units, times ``scale``) taken from the batch
-    flipped (sample i gets sample B-1-i's). ``scale`` is the stride from ``x``'s grid to the output grid
-    (8 from RMT's stem to its last stage)."""
-    t, l, b, r = (v * scale for v in box)
-    out = x.clone()
-    out[:, t:b, l:r] = x.flip(0)[:, t:b, l:r]
-    return out
-
-
-def unmix_tokens(aux: torch.Tensor, box: MixTokenBox) -> torch.Tensor:
-    """Aux outputs (B, gh, gw, C) with every token of ``box`` moved back to the sample its input came from.
-
-    Swapping the box with the flipped batch undoes itself, so this is :func:`mix_tokens` at the output grid.
-    """
-    return mix_tokens(aux, box)
-
-
-def mixtoken_lam(box: MixTokenBox, grid: Tuple[int, int]) -> float:
-    """The share of the output grid each sample keeps: 1 - box area / tokens."""
-    return 1. - (box.bottom - box.top) * (box.right - box.left) / (grid[0] * grid[1])
-
-
-# --- model output and loss ---------------------------------------------------------------------------
-
-class TokenLabelOutput(NamedTuple):
-    """What a ``*_tl`` model returns when trained with token labels."""
-    logits: torch.Tensor      # (B, C) class logits of the mixed images
-    aux_logits: torch.Tensor  # (B, gh, gw, C) per-token logits, unmixed (:func:`unmix_tokens`)
-    box: MixTokenBox          # the MixToken box on the (gh, gw) grid
-
+# --- loss --------------------------------------------------------------------------------------------
 
 class TokenLabelLoss(nn.Module):
     """``cls_weight * SoftCE(logits, crop target mixed by area) + dense_weight * SoftCE(aux_logits, token targets)``.
@@ -528,6 +476,8 @@ class TokenLabelLoss(nn.Module):
             raise TypeError(f'TokenLabelLoss needs the model\'s token-labeling training output (logits, aux_logits, '
                             f'box), got {type(output).__name__}')
         logits, aux_logits, box = output
+        if aux_logits.dim() != 4 or aux_logits.shape[-1] != self.num_classes:
+            raise ValueError(f'aux logits must be (B, h, w, {self.num_classes}), got {list(aux_logits.shape)}')
         grid = tuple(aux_logits.shape[1:3])
         targets = unpack_targets(target)
         crop_target, token_target = dense_targets(targets.label_maps, targets.boxes, self.num_classes, grid,

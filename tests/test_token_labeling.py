@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import rmt  # noqa: F401  (registers the models)
@@ -17,7 +18,7 @@ from rmt.token_labeling import (
     META_FILE, DenseTeacher, MixTokenBox, TokenLabelDataset, TokenLabelLoss, TokenLabelOutput, TokenLabelTransform,
     dense_targets, label_file_path, mix_tokens, mixtoken_lam, pack_target, read_label_file, sample_mixtoken_box,
     unmix_tokens, unpack_targets)
-from tests.helpers import load_script
+from tests.helpers import load_script, small_kwargs
 
 make_token_labels = load_script('make_token_labels')
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -224,6 +225,83 @@ def test_mixtoken_box_lies_on_the_grid_with_the_release_sides():
 def test_mixtoken_lam_is_the_share_of_tokens_kept():
     assert mixtoken_lam(MixTokenBox(1, 2, 3, 5), (7, 7)) == pytest.approx(1 - 6 / 49)
     assert mixtoken_lam(MixTokenBox(3, 3, 3, 5), (7, 7)) == 1.
+
+
+# --- the model in token-label training -----------------------------------------------------------------
+
+def tl_model(**kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model('rmt_t', **small_kwargs(token_label=True, **kwargs))
+    model.set_token_label_training()
+    return model
+
+
+def test_token_label_training_returns_logits_tokens_aux_logits_and_box():
+    torch.manual_seed(1)
+    out = tl_model().train()(torch.randn(3, 3, 96, 64))
+    assert isinstance(out, TokenLabelOutput)
+    assert out.logits.shape == (3, 10) and out.aux_logits.shape == (3, 3, 2, 10)  # (B, h, w, C) at stride 32
+    assert 0 <= out.box.top <= out.box.bottom <= 3 and 0 <= out.box.left <= out.box.right <= 2
+
+
+def test_token_label_training_without_a_box_gives_the_heads_outputs(monkeypatch):
+    model = tl_model().train()
+    monkeypatch.setattr('rmt.model.sample_mixtoken_box', lambda grid: MixTokenBox(0, 0, 0, 0))
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    feats = model.forward_features(x)  # training mode: batch statistics, as in the step above
+    torch.testing.assert_close(out.logits, model.head(feats))
+    torch.testing.assert_close(out.aux_logits, model.aux_head(feats))
+
+
+class HalveGrid(torch.nn.Module):
+    """A stand-in stage that keeps tokens apart: (B, H, W, C) -> 2 x 2 means, channels repeated ``widen`` times."""
+
+    def __init__(self, widen: int = 1):
+        super().__init__()
+        self.widen = widen
+
+    def forward(self, x):
+        return F.avg_pool2d(x.permute(0, 3, 1, 2), 2, ceil_mode=True).permute(0, 2, 3, 1).repeat(1, 1, 1, self.widen)
+
+
+def test_model_unmixes_the_aux_outputs_of_its_mixtoken_box(monkeypatch):
+    # with stages that keep tokens apart, the un-mixed aux outputs are exactly those of the unmixed images
+    model = tl_model().train()
+    model.stages = torch.nn.Sequential(torch.nn.Identity(), HalveGrid(), HalveGrid(), HalveGrid(widen=4))  # 16 -> 64
+    box = MixTokenBox(0, 1, 2, 2)  # output tokens (0, 1) and (1, 1): stem rows 0:16, columns 8:16
+    monkeypatch.setattr('rmt.model.sample_mixtoken_box', lambda grid: box)
+    x = torch.randn(3, 3, 64, 64)
+    out = model(x)
+    unmixed = model.aux_head(model.stages(model.forward_stem(x)))
+    torch.testing.assert_close(out.aux_logits, unmixed)
+    mixed = model.aux_head(model.stages(mix_tokens(model.forward_stem(x), box, scale=8)))
+    torch.testing.assert_close(mixed[0, :, 1], unmixed[2, :, 1])  # sample 0's box came from sample 2
+    torch.testing.assert_close(mixed[0, :, 0], unmixed[0, :, 0])
+
+
+def test_token_label_model_in_eval_mode_returns_the_fused_logits():
+    model = tl_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        fused = model.head(feats) + 0.5 * model.aux_head(feats).flatten(1, 2).max(1).values
+        torch.testing.assert_close(model(x), fused)
+
+
+def test_torchscript_and_features_are_unchanged_in_token_label_training():
+    model = tl_model().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+        assert model.forward_features(x).shape == (1, 2, 2, 64)
+    features = timm.create_model('rmt_t', features_only=True, **small_kwargs(token_label=True))
+    assert [f.shape[1] for f in features(x)] == [16, 32, 48, 64]
+
+
+def test_token_label_training_needs_a_token_label_model():
+    with pytest.raises(ValueError, match='needs a token-labeling model'):
+        timm.create_model('rmt_t', **small_kwargs()).set_token_label_training()
 
 
 # --- loss ----------------------------------------------------------------------------------------------
