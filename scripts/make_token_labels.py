@@ -10,7 +10,8 @@ tensor of the teacher's top-k logits at each of its h x w output locations and t
 (float32 above 2048 classes), the format of the released ImageNet set (``label_top5_train_nfnet``). The
 teacher sees the whole image resized to its input size (``--crop-mode squash``), so the map covers the
 image as training assumes; ``--crop-mode center`` takes the centre square, as the released set's script
-did. The teacher's classifier runs at every feature location (``rmt.token_labeling.DenseTeacher``
+did. A checkpoint of ``scripts/train.py`` supplies its model, kwargs, classes and image settings (size,
+interpolation, mean, std), so its teacher sees images as it was trained to. The teacher's classifier runs at every feature location (``rmt.token_labeling.DenseTeacher``
 says which heads that suits). ``LABELS/token_labels.json`` records the teacher and the class order, and
 training checks it. Files are written atomically; ``--skip-existing`` continues an interrupted run.
 
@@ -42,7 +43,8 @@ from rmt.token_labeling import (
 _logger = logging.getLogger('make_token_labels')
 
 # settings a checkpoint written by scripts/train.py (or a converted file) supplies when they are not given
-FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans')
+FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'img_size', 'input_size', 'interpolation', 'mean',
+                 'std')
 
 
 class TeacherInputs(torch.utils.data.Dataset):
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--in-chans', type=int, default=None)
     p.add_argument('--dense-head', default='classifier', choices=('classifier', 'aux'),
                    help="per-location classifier: the model's head, or a *_tl RMT's aux head")
-    p.add_argument('--img-size', type=int, default=None, metavar='N', help="teacher input size (default: the model's)")
+    p.add_argument('--img-size', type=int, default=None, metavar='N',
+                   help="teacher input size (default: the size a training checkpoint was trained at, else the model's)")
     p.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'))
     p.add_argument('--crop-mode', default='squash', choices=('squash', 'center'),
                    help='squash: the whole image (default); center: the centre square, as the released set')

@@ -12,6 +12,11 @@ what the scripts share comes from ``rmt.cli``, ``rmt.data``, ``rmt.evaluate`` an
     python scripts/train.py --config configs/rmt_s_transfer.yaml --data-dir pets \\
         --pretrained-path RMT-S.pth --num-classes 37
 
+Token labeling (``--token-label --token-label-data DIR``, the recipes ``configs/rmt_*_in1k_tl.yaml``)
+trains a ``*_tl`` RMT on per-image label maps as the RMT release does: flip, RandAugment and crop of
+image and map together, dense targets cut at the model's output grid, MixToken in the model, and the
+1.0 / 0.5 class and token loss (:mod:`rmt.token_labeling`).
+
 Fault tolerance: checkpoints are written atomically at the end of every epoch; ``--resume
 OUTPUT/last.pth.tar`` restores the epoch, model, optimizer, LR scheduler, EMA and loss-scaler state
 and the random streams are re-seeded from ``--seed`` and the epoch number at the start of every
@@ -33,9 +38,11 @@ import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms
 
 from timm import utils
 from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import clean_state_dict, model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -48,6 +55,7 @@ from rmt.cli import (
 from rmt.data import (
     allow_posterize_to_zero_bits, check_num_classes, create_eval_loader, dataset_classes, open_dataset)
 from rmt.evaluate import evaluate
+from rmt.token_labeling import TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, read_meta
 
 _logger = logging.getLogger('train')
 
@@ -141,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--bce-loss', action='store_true', default=False)
     g.add_argument('--train-interpolation', type=str, default='random')
+    g = p.add_argument_group('token labeling (the released flag names)')
+    g.add_argument('--token-label', action='store_true', default=False,
+                   help='train a token-labeling RMT (the aux head is added) on per-image label maps, with MixToken')
+    g.add_argument('--token-label-data', default='', metavar='DIR',
+                   help='label folder: DIR/<class>/<image name>.pt, from scripts/make_token_labels.py or the '
+                        'released label_top5_train_nfnet')
+    g.add_argument('--token-label-size', type=int, default=None, metavar='N',
+                   help="dense target grid, N x N: the model's output grid (default: that grid, input size / 32)")
+    g.add_argument('--dense-weight', type=float, default=0.5, help='weight of the per-token loss')
+    g.add_argument('--cls-weight', type=float, default=1.0, help='weight of the class loss')
+    g.add_argument('--token-label-corrected-boxes', action='store_true', default=False,
+                   help="cut the dense targets with the crop box in the image's own axes; by default the boxes are "
+                        "the released code's, whose axes are swapped (roi_align reads (top, left) as (x, y))")
     g = p.add_argument_group('EMA, precision, devices, output')
     g.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of the weights')
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
@@ -199,6 +220,66 @@ def restore_scheduler(lr_scheduler, saved: dict) -> None:
                         f'following the new ones')
     else:
         lr_scheduler.load_state_dict(saved)
+
+
+def setup_token_label_args(args) -> None:
+    """Check the token-labeling flags, and record in ``args`` what ``--token-label`` implies (the aux head;
+    mixup and CutMix off, as the release has them), so the run's args.yaml and checkpoints say it."""
+    if not args.token_label:
+        if args.token_label_data:
+            raise ScriptError('--token-label-data is given without --token-label: add --token-label to train on it')
+        return
+    if not args.token_label_data:
+        raise ScriptError('--token-label needs --token-label-data DIR: label files from scripts/make_token_labels.py '
+                          'or the released label_top5_train_nfnet')
+    if not os.path.isdir(args.token_label_data):
+        raise ScriptError(f'--token-label-data {args.token_label_data}: no such folder')
+    for flag, on in (('--no-aug', args.no_aug), ('--bce-loss', args.bce_loss)):
+        if on:
+            raise ScriptError(f'{flag} cannot be combined with --token-label (its loss and crops follow the release)')
+    args.mixup = args.cutmix = 0.
+    args.cutmix_minmax = None
+    args.model_kwargs = dict(args.model_kwargs, token_label=True)
+
+
+def token_label_grid(args, model, input_size) -> tuple:
+    """The model's output grid at the training size: the dense targets' grid, which ``--token-label-size``
+    names (the released flag) and must match."""
+    reduction = model.feature_info[-1]['reduction']
+    grid = tuple(-(-s // reduction) for s in input_size[1:])
+    if args.token_label_size is not None and (args.token_label_size,) * 2 != grid:
+        raise ScriptError(f'--token-label-size {args.token_label_size}: {args.model} at {input_size[1]}x{input_size[2]} '
+                          f'px has a {grid[0]}x{grid[1]} output grid; leave the flag out, or give it {grid[0]}'
+                          + (' (a square grid: use a square --img-size)' if grid[0] != grid[1] else ''))
+    return grid
+
+
+def create_token_label_loader(args, dataset, data_config, interpolation, device):
+    """The training loader of token labeling: the image folder paired with its label files.
+
+    ``TokenLabelTransform`` flips, RandAugments and crops image and map together, so timm's
+    ``create_loader`` only converts the image (``no_aug``); as ``no_aug`` also turns timm's random
+    erasing off, it is added back here, on the device after normalising (prefetcher) or on the CPU.
+    """
+    joint = TokenLabelTransform(
+        data_config['input_size'][1:], scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        auto_augment=args.aa, color_jitter=args.color_jitter, interpolation=interpolation, mean=data_config['mean'])
+    try:
+        labelled = TokenLabelDataset(dataset, args.token_label_data, args.num_classes, joint_transform=joint)
+    except (OSError, ValueError, TypeError) as e:
+        raise ScriptError(f'--token-label-data {args.token_label_data}: {e}') from None
+    loader = create_loader(
+        labelled, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        use_prefetcher=args.prefetcher, no_aug=True, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        pin_memory=args.pin_mem, device=device, persistent_workers=False)
+    if args.reprob > 0:
+        erasing = partial(RandomErasing, args.reprob, mode=args.remode, max_count=args.recount)
+        if args.prefetcher:
+            loader.random_erasing = erasing(device=device)
+        else:
+            labelled.transform = transforms.Compose([labelled.transform, erasing(device='cpu')])
+    return loader, labelled
 
 
 def train_one_epoch(epoch, num_epochs, model, loader, optimizer, loss_fn, args, device, lr_scheduler,
@@ -286,6 +367,7 @@ def main(argv=None):
     args = parse_args_with_config(build_parser(), argv)
     # the run's args.yaml and checkpoints name every model kwarg, with no reference to another file
     args.model_kwargs, args.official_config = model_kwargs_from_args(args), ''
+    setup_token_label_args(args)
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
     allow_posterize_to_zero_bits()  # the paper's RandAugment policy with Pillow >= 13
     args.grad_accum_steps = max(1, args.grad_accum_steps)
@@ -334,6 +416,12 @@ def main(argv=None):
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, '
                      f'{model.num_classes} classes.')
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    if args.token_label:
+        try:
+            model.set_token_label_training()
+        except (AttributeError, ValueError) as e:
+            raise ScriptError(f'--token-label: {args.model} cannot train with token labels ({e})') from None
+        grid = token_label_grid(args, model, data_config['input_size'])
     model.to(device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -379,7 +467,7 @@ def main(argv=None):
         model = torch.compile(model, backend=args.torchcompile)
 
     collate_fn = mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None  # never with --token-label
     if mixup_active:
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -390,20 +478,37 @@ def main(argv=None):
             mixup_fn = Mixup(**mixup_args)
     train_interpolation = data_config['interpolation'] if args.no_aug or not args.train_interpolation \
         else args.train_interpolation
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        use_prefetcher=args.prefetcher, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=train_interpolation,
-        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        collate_fn=collate_fn, pin_memory=args.pin_mem, device=device,
-        persistent_workers=False)  # fresh workers each epoch, seeded from the epoch: exact resumes
+    if args.token_label:
+        loader_train, labelled = create_token_label_loader(args, dataset_train, data_config, train_interpolation,
+                                                           device)
+        k, h, w = labelled.label_shape[1:]
+        teacher = read_meta(args.token_label_data).get('teacher')
+        token_label_summary = (
+            f'Token labeling: top-{k} label maps of {h}x{w} from {args.token_label_data}'
+            f'{f" (teacher {teacher})" if teacher else ""}, dense targets at {grid[0]}x{grid[1]} with '
+            f'{"corrected" if args.token_label_corrected_boxes else "released (swapped-axis)"} boxes, loss '
+            f'{args.cls_weight} x class + {args.dense_weight} x tokens, MixToken on; mixup and CutMix off.')
+    else:
+        loader_train = create_loader(
+            dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+            use_prefetcher=args.prefetcher, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+            color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=train_interpolation,
+            mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+            collate_fn=collate_fn, pin_memory=args.pin_mem, device=device,
+            persistent_workers=False)  # fresh workers each epoch, seeded from the epoch: exact resumes
     loader_eval = None
     if dataset_eval is not None:
         loader_eval = create_eval_loader(dataset_eval, data_config, args.validation_batch_size or args.batch_size,
                                          args.workers, device, args.distributed, args.prefetcher)
 
-    if mixup_active:
+    if args.token_label:
+        try:
+            train_loss_fn = TokenLabelLoss(args.num_classes, args.cls_weight, args.dense_weight, args.smoothing,
+                                           release_boxes=not args.token_label_corrected_boxes)
+        except ValueError as e:
+            raise ScriptError(f'--cls-weight/--dense-weight: {e}') from None
+    elif mixup_active:
         train_loss_fn = BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
     elif args.smoothing:
         train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing) if args.bce_loss \
@@ -451,6 +556,8 @@ def main(argv=None):
         _logger.info(f'Output folder {output_dir}; epochs {start_epoch}..{num_epochs - 1} of {num_epochs}, '
                      f'{updates_per_epoch} updates each, LR stepped per '
                      f'{"update" if args.sched_on_updates else "epoch"}.')
+        if args.token_label:
+            _logger.info(token_label_summary)
     del resume_state
 
     last_checkpoint = os.path.join(output_dir, 'last.pth.tar') if output_dir else ''
