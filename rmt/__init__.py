@@ -2,8 +2,9 @@
 
 Importing the package registers ``rmt_t``, ``rmt_s``, ``rmt_b`` and ``rmt_l`` with timm.
 
-The model is ``decay -> attention -> blocks -> model`` (each module imports only those before it);
-``checkpoint`` reads, maps and writes checkpoint files; ``export`` and ``flops`` serve deployment.
+The model is ``decay -> attention -> blocks -> model`` (each module imports only those before it,
+and ``mixtoken``); ``checkpoint`` reads, maps and writes checkpoint files; ``export`` and ``flops``
+serve deployment; ``token_labeling`` holds token-labeling training (labels, targets, loss).
 The command-line scripts in ``scripts/`` are thin: what they share lives in ``cli`` (arguments,
 config files, model building), ``data`` (datasets and loaders) and ``evaluate``.
 """

@@ -11,9 +11,10 @@ tensor of the teacher's top-k logits at each of its h x w output locations and t
 teacher sees the whole image resized to its input size (``--crop-mode squash``), so the map covers the
 image as training assumes; ``--crop-mode center`` takes the centre square, as the released set's script
 did. A checkpoint of ``scripts/train.py`` supplies its model, kwargs, classes and image settings (size,
-interpolation, mean, std), so its teacher sees images as it was trained to. The teacher's classifier runs at every feature location (``rmt.token_labeling.DenseTeacher``
-says which heads that suits). ``LABELS/token_labels.json`` records the teacher and the class order, and
-training checks it. Files are written atomically; ``--skip-existing`` continues an interrupted run.
+interpolation, mean, std), so its teacher sees images as it was trained to. The teacher's classifier
+runs at every feature location (``rmt.token_labeling.DenseTeacher`` says which heads that suits).
+``LABELS/token_labels.json`` records the teacher and the class order, and training checks it. Files
+are written atomically; ``--skip-existing`` continues an interrupted run.
 
 ``--verify`` reads every label file of DATA's images instead: present, readable, one shape, ids below
 ``--num-classes``.

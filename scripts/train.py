@@ -248,9 +248,9 @@ def token_label_grid(args, model, input_size) -> tuple:
     reduction = model.feature_info[-1]['reduction']
     grid = tuple(-(-s // reduction) for s in input_size[1:])
     if args.token_label_size is not None and (args.token_label_size,) * 2 != grid:
-        raise ScriptError(f'--token-label-size {args.token_label_size}: {args.model} at {input_size[1]}x{input_size[2]} '
-                          f'px has a {grid[0]}x{grid[1]} output grid; leave the flag out, or give it {grid[0]}'
-                          + (' (a square grid: use a square --img-size)' if grid[0] != grid[1] else ''))
+        raise ScriptError(f'--token-label-size {args.token_label_size}: {args.model} at {input_size[1]}x'
+                          f'{input_size[2]} px has a {grid[0]}x{grid[1]} output grid; leave the flag out, or give it '
+                          f'{grid[0]}' + (' (a square grid: use a square --img-size)' if grid[0] != grid[1] else ''))
     return grid
 
 

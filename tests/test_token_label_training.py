@@ -84,7 +84,8 @@ def students(labels) -> dict:
 def test_token_labeled_student_is_within_one_point_of_the_plain_student(students):
     token_label, plain = (read_summary(students[name])[-1] for name in ('token-label', 'plain'))
     assert token_label['epoch'] == plain['epoch'] == 19
-    print(f'digits, 20 epochs: top-1 {token_label["eval_top1"]:.2f} with token labels, {plain["eval_top1"]:.2f} without')
+    print(f'digits, 20 epochs: top-1 {token_label["eval_top1"]:.2f} with token labels, '
+          f'{plain["eval_top1"]:.2f} without')
     assert token_label['eval_top1'] >= plain['eval_top1'] - 1.0
     assert token_label['eval_top1'] > 95.0
 
@@ -143,10 +144,10 @@ def test_killed_token_label_run_resumes_to_the_same_weights_as_an_uninterrupted_
 
 def test_token_label_training_runs_under_torchrun_with_amp(labels, tmp_path):
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
-    proc = subprocess.run([*torchrun, str(SCRIPTS / 'train.py'),
-                           *tl_args(str(tmp_path), 'ddp', '--token-label', '--token-label-data', labels, '--epochs', '2',
-                                    '--warmup-epochs', '0', '-b', '32', '--amp', '--amp-dtype', 'bfloat16')],
-                          capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    args = tl_args(str(tmp_path), 'ddp', '--token-label', '--token-label-data', labels, '--epochs', '2',
+                   '--warmup-epochs', '0', '-b', '32', '--amp', '--amp-dtype', 'bfloat16')
+    proc = subprocess.run([*torchrun, str(SCRIPTS / 'train.py'), *args], capture_output=True, text=True, timeout=300,
+                          env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'process 1 of 2' in proc.stderr and 'Token labeling:' in proc.stderr
     rows = read_summary(str(tmp_path / 'ddp'))
@@ -246,7 +247,8 @@ def test_label_files_of_other_classes_stop_the_run_at_start(labels, tmp_path):
 
 @pytest.mark.parametrize('variant, drop_path', [('s', 0.15), ('b', 0.4), ('l', 0.5)])
 def test_token_label_configs_are_the_released_recipe(variant, drop_path):
-    args = parse_args_with_config(train.build_parser(), ['--config', str(REPO / 'configs' / f'rmt_{variant}_in1k_tl.yaml')])
+    config = REPO / 'configs' / f'rmt_{variant}_in1k_tl.yaml'
+    args = parse_args_with_config(train.build_parser(), ['--config', str(config)])
     assert (args.model, args.drop_path, args.model_ema) == (f'rmt_{variant}.in1k_tl', drop_path, True)
     assert (args.opt, args.weight_decay, args.lr_base, args.lr_base_size, args.lr_base_scale) == \
         ('adamw', 0.05, 5e-4, 512, 'linear')
