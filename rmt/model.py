@@ -9,8 +9,8 @@ Features are channels-last (B, H, W, C) from the stem to the classifier, so ``fo
 returns NHWC (``output_fmt``, as timm's MambaOut); ``forward_intermediates`` and ``features_only``
 give NCHW stage outputs. Token-labeling models (``token_label=True``, the ``*.in1k_tl`` tags) fuse
 their aux head into the logits; trained with token labels (:meth:`RMT.set_token_label_training`)
-they return what the token-labeling loss needs instead. Checkpoint files are read and mapped in :mod:`rmt.checkpoint`. Released
-checkpoints load through timm::
+they return what the token-labeling loss needs instead. Checkpoint files are read and mapped in
+:mod:`rmt.checkpoint`. Released checkpoints load through timm::
 
     model = timm.create_model('rmt_s', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth'))
 """

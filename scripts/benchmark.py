@@ -330,8 +330,8 @@ def main(argv=None) -> None:
     sizes = [parse_size(s) for s in (args.resolutions or args.img_size).split(',')]
     peak = matmul_peak(args.device, getattr(torch, args.dtype), n=8192 if args.device.startswith('cuda') else 2048)
     name = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'cpu'
-    print(f'device {args.device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, batch {args.batch_size}, '
-          f'train batch {batch_size(args, "train")}, channels_last {args.channels_last}, compile {args.compile}; '
+    print(f'device {args.device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, '
+          f'dtype {args.dtype}, batch {args.batch_size}, train batch {batch_size(args, "train")}, channels_last {args.channels_last}, compile {args.compile}; '
           f'{args.dtype} matmul peak {peak:.1f} GFLOP/s',
           flush=True)
 
