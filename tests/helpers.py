@@ -10,9 +10,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import timm
@@ -81,6 +83,17 @@ def run(args, timeout: float = 300, check: bool = True) -> subprocess.CompletedP
 def script(name: str, *args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``scripts/<name>.py ARGS...`` as a user would."""
     return run([SCRIPTS / f'{name}.py', *args], timeout=timeout, check=check)
+
+
+def kill_when_written(proc: subprocess.Popen, path: str, timeout: float = 240) -> None:
+    """SIGKILL a running training process as soon as ``path`` (a checkpoint) appears."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def smoke_args(output: str, experiment: str, *extra: str) -> list:

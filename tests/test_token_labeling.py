@@ -382,25 +382,16 @@ def test_dataset_refuses_labels_written_for_other_classes(tmp_path):
 
 # --- teachers and make_token_labels.py -------------------------------------------------------------------
 
-def test_dense_teacher_of_rmt_averages_to_its_logits():
+@pytest.mark.parametrize('name,kwargs,size,grid', [('rmt_t', TINY_RMT, (96, 64), (3, 2)),
+                                                     ('resnet10t', {}, (64, 96), (2, 3))])
+def test_dense_teacher_averages_to_the_models_logits(name, kwargs, size, grid):
     torch.manual_seed(0)
-    model = timm.create_model('rmt_t', num_classes=4, **TINY_RMT).eval()
-    x = torch.randn(2, 3, 96, 64)
+    model = timm.create_model(name, num_classes=4, **kwargs).eval()
+    x = torch.randn(2, 3, *size)
     with torch.no_grad():
         logits = model(x)
         dense = DenseTeacher(model)(x)
-    assert dense.shape == (2, 4, 3, 2)
-    assert torch.allclose(dense.mean((2, 3)), logits, atol=1e-5)
-
-
-def test_dense_teacher_of_a_convnet_averages_to_its_logits():
-    torch.manual_seed(0)
-    model = timm.create_model('resnet10t', num_classes=4).eval()
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        logits = model(x)
-        dense = DenseTeacher(model)(x)
-    assert dense.shape == (2, 4, 2, 3)
+    assert dense.shape == (2, 4, *grid)
     assert torch.allclose(dense.mean((2, 3)), logits, atol=1e-5)
 
 

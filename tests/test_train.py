@@ -1,10 +1,8 @@
 """scripts/train.py end to end on a real image set (scikit-learn's digits), on CPU."""
 import argparse
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import timm
@@ -15,8 +13,8 @@ from rmt.checkpoint import AtomicCheckpointSaver
 from rmt.cli import ScriptError, parse_args_with_config
 from rmt.data import write_digits_folder
 from tests.helpers import (
-    FIXTURES, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, digits_folder, env, load_script, read_summary, script,
-    session_dir, small_kwargs, smoke_args, smoke_run)
+    FIXTURES, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, digits_folder, env, kill_when_written, load_script,
+    read_summary, script, session_dir, small_kwargs, smoke_args, smoke_run)
 
 train = load_script('train')
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -57,15 +55,9 @@ def test_killed_run_resumes_to_the_same_final_weights_as_an_uninterrupted_one():
     proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, 'train.py'), *smoke_args(output, 'killed')],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
     try:  # kill it for real early in epoch 2, right after the epoch-1 checkpoint appears
-        deadline = time.time() + 240
-        while not os.path.exists(os.path.join(run_dir, 'checkpoint-1.pth.tar')):
-            assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_when_written(proc, os.path.join(run_dir, 'checkpoint-1.pth.tar'))
     finally:
         proc.kill()
-    assert proc.returncode == -signal.SIGKILL
     assert load(os.path.join(run_dir, 'last.pth.tar'))['epoch'] < 3  # stopped before the end
 
     script('train', *smoke_args(output, 'killed'), '--resume', os.path.join(run_dir, 'last.pth.tar'))
