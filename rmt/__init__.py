@@ -2,17 +2,35 @@
 
 Importing the package registers ``rmt_t``, ``rmt_s``, ``rmt_b`` and ``rmt_l`` with timm.
 
-The model is ``decay -> attention -> blocks -> model`` (each module imports only those before it,
-and ``mixtoken``); ``checkpoint`` reads, maps and writes checkpoint files; ``export`` and ``flops``
+The model is ``position -> kernels -> attention -> blocks -> model`` (each module imports only those
+before it, and ``mixtoken``); ``checkpoint`` reads, maps and writes checkpoint files; ``export`` and ``flops``
 serve deployment; ``token_labeling`` holds token-labeling training (labels, targets, loss).
 The command-line scripts in ``scripts/`` are thin: what they share lives in ``cli`` (arguments,
 config files, model building), ``data`` (datasets and loaders) and ``evaluate``.
 """
-from .attention import ATTN_IMPLS, MaSA, set_attn_budget
+from .attention import ATTN_IMPLS, MaSA, plan_attention, set_dispatch_thresholds
 from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, official_config_to_kwargs
-from .decay import SpatialDecay
+from .position import RelPos2d
 from .model import RMT
 
-__all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'SpatialDecay', 'checkpoint_filter_fn', 'load_checkpoint_file',
-           'official_config_to_kwargs', 'set_attn_budget']
+__all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'RelPos2d', 'checkpoint_filter_fn', 'load_checkpoint_file',
+           'official_config_to_kwargs', 'plan_attention', 'set_dispatch_thresholds']
 __version__ = '0.1.0'
+
+
+def _set_attn_budget(mask_bytes=None, block_bytes=None):
+    return set_dispatch_thresholds(bias_bytes=mask_bytes, block_bytes=block_bytes)
+
+
+_RENAMED = {'SpatialDecay': ('rmt.RelPos2d', lambda: RelPos2d),
+            'set_attn_budget': ('rmt.set_dispatch_thresholds(bias_bytes=..., block_bytes=...)',
+                                lambda: _set_attn_budget)}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:  # kept for one release (see the README's changelog)
+        import warnings
+        new, value = _RENAMED[name]
+        warnings.warn(f'rmt.{name} is now {new}', FutureWarning, stacklevel=2)
+        return value()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,178 +1,114 @@
-"""MaSA, Manhattan self-attention, and the kernels that compute it.
+"""MaSA, Manhattan self-attention (paper section 3.2), and the paths that compute it.
 
-Attention with a Manhattan decay is ``softmax(q k^T * scale + D) v`` where
-``D[h, (i, j), (i', j')] = lambda_h * (|i - i'| + |j - j'|)``. RMT computes it in one of two forms:
+Attention with a Manhattan decay is ``softmax(q k^T * scale + bias) v`` where
+``bias[h, (i, j), (i', j')] = lambda_h * (|i - i'| + |j - j'|)`` (:mod:`rmt.position`). RMT computes
+it in one of two forms:
 
 * full: over all H*W tokens of the stage at once;
-* decomposed: along each row (decay ``lambda_h |j - j'|``), then along each column
+* decomposed: along each row (bias ``lambda_h |j - j'|``), then along each column
   (``lambda_h |i - i'|``) of the row result, never forming an (HW x HW) tensor.
 
-Every form has one *reference* implementation (explicit matmul and softmax, the released code's
-math) that each fast path is tested against. The fast paths, chosen by :func:`select_attn_impl`
-from the device, dtype and sequence length:
+One path is the *reference* (explicit matmul and softmax, the released code's math) that every
+other path is tested against. :func:`plan_attention` picks a path once per stage and forward, from
+the device, dtype and sequence lengths (measured side by side with ``scripts/bench_kernels.py``
+and ``scripts/benchmark.py``; 2 CPU cores, float32, RMT-S at 224 px):
 
-* ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` with the decay as an additive 4-D mask
-  (the fused CPU kernel takes only 2-D or 4-D masks; a 3-D one falls back to the math kernel);
-* ``bmm`` (short sequences on CPU): heads packed into one contiguous batch, two ``bmm`` calls and a
-  softmax; for the 7- to 28-token rows and columns of decomposed stages the fused CPU kernel's fixed
-  cost per (batch, head) outweighs its savings;
-* ``blocked`` (full form, large inputs): query blocks of image rows, each with its slice of the
-  decay built on the fly from the two 1-D masks, so no (n, HW, HW) tensor is ever held;
-* ``flex`` (full form, explicit choice): FlexAttention with a ``score_mod`` that computes the decay
-  from token indices, so neither the mask nor the score matrix is materialised;
-* ``triton`` (both forms; 'auto' on CUDA): the fused kernels of :mod:`rmt.kernels`, which also apply
-  the theta shift and add LCE, so MaSA hands them the raw projections.
+* ``triton`` (CUDA, 'auto' wherever the kernels are known to compile): :mod:`rmt.kernels` applies
+  the theta shift, the decay bias and the LCE add inside the kernels, so MaSA hands them the raw
+  projections. Never materialises a bias or a score matrix.
+* ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` with the bias as an additive 4-D mask
+  (the fused CPU kernel takes only 2-D or 4-D masks). On the CPU it wins for sequences of more
+  than 32 tokens (stage 1's 56-token rows: 1.3x the ``bmm`` path); it is the CUDA path where the
+  kernels cannot run, and the only one in exported graphs.
+* ``bmm`` (CPU, float32/64, sequences of at most 32 tokens): heads packed into one batch, two
+  ``bmm`` calls and a softmax; for the 7- to 28-token rows and columns of decomposed stages the fused
+  kernel's fixed cost per (batch, head) outweighs its savings (stage 3's 14-token rows: 2.6x sdpa).
+* ``blocked`` (full attention whose (n, HW, HW) bias would exceed 64 MiB, e.g. detection sizes):
+  query blocks of image rows, each with its own slice of the bias, so memory stays bounded.
+
+The choice of path is read in one place, :func:`masa_attention`. Thresholds sit behind
+:func:`set_dispatch_thresholds`; ``RMT_ATTN_IMPL`` or ``model.set_attn_impl`` forces a path.
+
+The Triton op is guarded: the first use of each kernel configuration in a process catches a
+compile or launch failure, warns once naming the reason and the fallback, computes that call on
+the ``sdpa`` / ``blocked`` path (inside the op, so also under ``torch.compile``), and plans that
+configuration off the kernels from then on.
 """
 import functools
-from typing import Optional
+import os
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import register_notrace_function, register_notrace_module
-from timm.models._manipulate import checkpoint
+from timm.models import checkpoint as grad_checkpoint
 
 from . import kernels
-from .decay import DecayTables, theta_shift
+from .position import (
+    PositionTables, axis_bias, manhattan_bias, rotation_to_sin_cos, theta_shift, theta_shift_reference)
 
-__all__ = ['ATTN_IMPLS', 'MaSA', 'select_attn_impl', 'attention_reference', 'full_attention',
-           'decomposed_attention', 'needs_2d_mask', 'table_dtype', 'autocast_dtype', 'set_attn_budget']
+__all__ = ['ATTN_IMPLS', 'AttentionPlan', 'DispatchThresholds', 'MaSA', 'plan_attention', 'masa_attention',
+           'attention_reference', 'full_attention', 'decomposed_attention', 'set_dispatch_thresholds',
+           'dispatch_thresholds', 'autocast_dtype', 'kernel_failures', 'clear_kernel_failures']
 
-ATTN_IMPLS = ('auto', 'reference', 'sdpa', 'bmm', 'blocked', 'flex', 'triton')
-
-# Above this many bytes for one (n, HW, HW) decay mask, full-attention stages stop materialising it.
-_MASK_BUDGET_BYTES = 64 * 2 ** 20
-# The blocked path sizes each query block's slice of the mask to this.
-_BLOCK_BYTES = 32 * 2 ** 20
-# Without Triton, full attention over at least this many tokens on CUDA uses FlexAttention.
-_FLEX_MIN_TOKENS = 1024
-# On CPU, float32/64 attention over at most this many tokens per sequence uses the ``bmm`` path.
-_BMM_MAX_TOKENS = 32
+ATTN_IMPLS = ('auto', 'reference', 'sdpa', 'bmm', 'blocked', 'triton')
 
 
-def set_attn_budget(mask_bytes: Optional[int] = None, block_bytes: Optional[int] = None) -> None:
-    """Change the memory thresholds of the automatic dispatch (bytes); ``None`` keeps a value."""
-    global _MASK_BUDGET_BYTES, _BLOCK_BYTES
-    if mask_bytes is not None:
-        _MASK_BUDGET_BYTES = int(mask_bytes)
-    if block_bytes is not None:
-        _BLOCK_BYTES = int(block_bytes)
+class AttentionPlan(NamedTuple):
+    """How a stage computes MaSA: the path, the dtype of its position tables, and whether the path reads
+    the materialised (n, HW, HW) bias of a full-attention stage."""
+    impl: str
+    table_dtype: torch.dtype
+    needs_2d_bias: bool
 
 
-@torch.jit.ignore
-def _mask_budget() -> int:
-    return _MASK_BUDGET_BYTES
+def _default_thresholds() -> Tuple[int, int, int]:
+    # (bias_bytes, block_bytes, bmm_max_tokens); TorchScript models keep these
+    return 64 << 20, 32 << 20, 32
 
 
-@torch.jit.ignore
-def _block_budget() -> int:
-    return _BLOCK_BYTES
+class DispatchThresholds(NamedTuple):
+    """The sizes at which 'auto' changes path.
 
-
-@functools.lru_cache(maxsize=None)
-def _flex_attention():
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except ImportError:
-        return None
-    return flex_attention
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_flex_attention():
-    return torch.compile(_flex_attention(), dynamic=False)
-
-
-def _mask_fits(num_heads: int, tokens: int, x: torch.Tensor) -> bool:
-    return num_heads * tokens * tokens * x.element_size() <= _mask_budget()
-
-
-@torch.jit.ignore
-def _bmm_max_tokens() -> int:
-    return _BMM_MAX_TOKENS
-
-
-def _short_on_cpu(tokens: int, x: torch.Tensor) -> bool:
-    return x.device.type == 'cpu' and tokens <= _bmm_max_tokens() and \
-        (x.dtype == torch.float32 or x.dtype == torch.float64)
-
-
-def _by_size(decomposed: bool, num_heads: int, height: int, width: int, x: torch.Tensor, short_ok: bool) -> str:
-    """'bmm' for short CPU sequences (if ``short_ok``), else 'sdpa' while the 2-D mask fits, else 'blocked'."""
-    tokens = height * width
-    if short_ok and _short_on_cpu(max(height, width) if decomposed else tokens, x):
-        return 'bmm'
-    return 'sdpa' if decomposed or _mask_fits(num_heads, tokens, x) else 'blocked'
-
-
-@torch.jit.unused
-def _triton_fits(requested: str, num_heads: int, x: torch.Tensor) -> bool:
-    """Whether the Triton kernels take this stage: always on CUDA when they support the shape and dtype,
-    on the CPU only when forced (under Triton's interpreter); never in export or tracing, which keep
-    the graph to standard operators."""
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return False
-    if requested == 'auto' and x.device.type != 'cuda':
-        return False
-    return kernels.supports(x, x.shape[-1] // num_heads)
-
-
-def _flex_fits(num_heads: int, x: torch.Tensor) -> bool:
-    """FlexAttention's compiled kernels need heads of at least 16 channels."""
-    return x.shape[-1] // num_heads >= 16
-
-
-@torch.jit.unused
-def _auto_impl(decomposed: bool, num_heads: int, height: int, width: int, x: torch.Tensor) -> str:
-    if torch.compiler.is_exporting():
-        return 'sdpa'  # no size-dependent branch in an exported graph
-    if torch.jit.is_tracing():  # fvcore, classic ONNX: 'sdpa' while the mask fits (no Python loop to bake in)
-        return _by_size(decomposed, num_heads, height, width, x, short_ok=False)
-    if not decomposed and x.device.type == 'cuda' and height * width >= _FLEX_MIN_TOKENS \
-            and _flex_attention() is not None and _flex_fits(num_heads, x):
-        return 'flex'
-    # under autocast q, k and v are half precision even when the stage input is not
-    return _by_size(decomposed, num_heads, height, width, x, short_ok=not torch.is_autocast_enabled('cpu'))
-
-
-@register_notrace_function
-def select_attn_impl(requested: str, decomposed: bool, num_heads: int, x: torch.Tensor) -> str:
-    """The attention path for a stage input ``x`` of shape (B, H, W, C).
-
-    ``requested`` is one of :data:`ATTN_IMPLS`; 'auto' picks by device, dtype and sequence length
-    (a decomposed stage's sequences are its rows and columns). Decomposed stages never build an
-    (HW x HW) tensor, so for them ``blocked`` and ``flex`` mean ``sdpa``. Where ``triton`` or ``flex``
-    cannot run (no Triton, an unsupported head size or dtype, export), another exact path takes over.
+    ``bias_bytes``: a full-attention stage whose (n, HW, HW) bias would take more bytes takes the
+    ``blocked`` path; ``block_bytes``: the size of each query block's bias slice there;
+    ``bmm_max_tokens``: float32/64 sequences of at most this many tokens take ``bmm`` on the CPU.
     """
-    if requested == 'reference' or requested == 'bmm':
-        return requested
-    if not torch.jit.is_scripting() and (requested == 'auto' or requested == 'triton') \
-            and _triton_fits(requested, num_heads, x):
-        return 'triton'
-    if requested == 'triton':
-        requested = 'auto'
-    if requested == 'flex' and not _flex_fits(num_heads, x):
-        requested = 'blocked'
-    if requested != 'auto':
-        return 'sdpa' if decomposed else requested
+    bias_bytes: int
+    block_bytes: int
+    bmm_max_tokens: int
+
+
+_thresholds = DispatchThresholds(*_default_thresholds())
+
+
+def set_dispatch_thresholds(bias_bytes: Optional[int] = None, block_bytes: Optional[int] = None,
+                            bmm_max_tokens: Optional[int] = None) -> DispatchThresholds:
+    """Change the thresholds of the automatic dispatch (``None`` keeps a value); returns the previous ones,
+    so ``set_dispatch_thresholds(*previous)`` restores them. Process-wide; scripted (TorchScript) models
+    keep the defaults. Raises ``ValueError`` for negative values."""
+    global _thresholds
+    previous = _thresholds
+    values = previous._replace(**{k: int(v) for k, v in (('bias_bytes', bias_bytes), ('block_bytes', block_bytes),
+                                                         ('bmm_max_tokens', bmm_max_tokens)) if v is not None})
+    if min(values) < 0:
+        raise ValueError(f'dispatch thresholds must be >= 0, got {values}')
+    _thresholds = values
+    return previous
+
+
+@torch.jit.unused
+def dispatch_thresholds() -> DispatchThresholds:
+    """The thresholds in effect (see :class:`DispatchThresholds`)."""
+    return _thresholds
+
+
+def _block_bytes() -> int:
     if torch.jit.is_scripting():
-        return _by_size(decomposed, num_heads, x.shape[1], x.shape[2], x, True)
-    return _auto_impl(decomposed, num_heads, x.shape[1], x.shape[2], x)
-
-
-@register_notrace_function
-def table_dtype(impl: str, x: torch.Tensor) -> torch.dtype:
-    """The dtype of the position tables for ``impl`` on a stage input ``x``: float32 for the Triton kernels
-    (they compute in float32 and read the tables as they are); under autocast the dtype q and k will
-    have, so the other paths cast nothing per layer; else ``x``'s."""
-    if impl == 'triton':
-        return torch.float32
-    if not torch.jit.is_scripting() and x.is_floating_point():
-        dtype = autocast_dtype(x)
-        if dtype is not None:
-            return dtype
-    return x.dtype
+        return _default_thresholds()[1]
+    return dispatch_thresholds().block_bytes
 
 
 @torch.jit.unused
@@ -184,11 +120,90 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
-@register_notrace_function
-def needs_2d_mask(impl: str, decomposed: bool) -> bool:
-    """Whether ``impl`` reads the materialised (n, HW, HW) decay mask."""
-    return not decomposed and (impl == 'sdpa' or impl == 'bmm' or impl == 'reference')
+# --- planning --------------------------------------------------------------------------------------------
 
+def _by_size(decomposed: bool, num_heads: int, height: int, width: int, x: torch.Tensor, dtype: torch.dtype,
+             thresholds: Tuple[int, int, int], short_ok: bool) -> str:
+    """'bmm' for short float CPU sequences (if ``short_ok``), else 'sdpa' while the 2-D bias fits, else 'blocked'."""
+    tokens = height * width
+    longest = max(height, width) if decomposed else tokens
+    if short_ok and x.device.type == 'cpu' and longest <= thresholds[2] and \
+            (dtype == torch.float32 or dtype == torch.float64):
+        return 'bmm'
+    if decomposed or num_heads * tokens * tokens * torch.empty(0, dtype=dtype).element_size() <= thresholds[0]:
+        return 'sdpa'
+    return 'blocked'
+
+
+def plan_attention(requested: str, decomposed: bool, num_heads: int, x: torch.Tensor) -> AttentionPlan:
+    """The attention plan of a stage for its input ``x`` (B, H, W, C).
+
+    ``requested`` is one of :data:`ATTN_IMPLS`. 'auto' takes ``triton`` on CUDA wherever
+    :func:`rmt.kernels.unsupported_reason` allows it and no kernel of this configuration has failed in
+    this process (float32 only under torch's 'high'/'medium' matmul precision, as the IEEE float32
+    kernels spill), else picks by size (:func:`set_dispatch_thresholds`). A requested path runs where it
+    exists: ``triton`` also on the CPU under ``TRITON_INTERPRET=1``, elsewhere it becomes 'auto';
+    ``blocked`` means ``sdpa`` for decomposed stages, which hold no (HW x HW) tensor anyway. Exported
+    graphs take ``sdpa`` and traced ones (fvcore, classic ONNX) pick by size without ``bmm``.
+    """
+    if torch.jit.is_scripting():
+        impl = requested
+        if requested == 'auto' or requested == 'triton' or (requested == 'blocked' and decomposed):
+            impl = _by_size(decomposed, num_heads, x.shape[1], x.shape[2], x, x.dtype, _default_thresholds(), True)
+        return AttentionPlan(impl, x.dtype, not decomposed and impl != 'blocked')
+    return _plan_eager(requested, decomposed, num_heads, x)
+
+
+@torch.jit.unused
+def _plan_eager(requested: str, decomposed: bool, num_heads: int, x: torch.Tensor) -> AttentionPlan:
+    dtype = autocast_dtype(x) if x.is_floating_point() else None
+    dtype = dtype or x.dtype  # under autocast q, k and v are half precision even when the stage input is not
+    if requested in ('reference', 'bmm', 'sdpa') or (requested == 'blocked' and not decomposed):
+        impl = requested
+    elif torch.compiler.is_exporting():
+        impl = 'sdpa'  # no size-dependent branch in an exported graph
+    elif torch.jit.is_tracing():  # fvcore, classic ONNX: no Python loop to bake in
+        impl = _by_size(decomposed, num_heads, x.shape[1], x.shape[2], x, dtype, dispatch_thresholds(), False)
+    elif requested in ('auto', 'triton') and _triton_takes(requested, decomposed, num_heads, x, dtype):
+        impl = 'triton'
+    else:
+        impl = _by_size(decomposed, num_heads, x.shape[1], x.shape[2], x, dtype, dispatch_thresholds(),
+                        not torch.is_autocast_enabled('cpu'))
+    table_dtype = torch.float32 if impl == 'triton' else dtype
+    return AttentionPlan(impl, table_dtype, not decomposed and impl in ('reference', 'sdpa', 'bmm'))
+
+
+def _triton_takes(requested: str, decomposed: bool, num_heads: int, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    if requested == 'auto' and x.device.type != 'cuda':
+        return False
+    if _kernels_refuse(str(x.device), dtype, x.shape[-1] // num_heads):
+        return False
+    if requested == 'auto' and _ieee(dtype):
+        return False  # the IEEE float32 kernels spill registers: sdpa is faster
+    if torch.compiler.is_compiling():
+        return True  # a failure inside the op falls back there
+    config = kernels.default_config(x.shape[-1] // num_heads, dtype, _arch(str(x.device)))
+    return _config_key(x.device, dtype, x.shape[1], x.shape[2], x.shape[3], num_heads, decomposed, config) \
+        not in _kernel_failures
+
+
+@torch.compiler.assume_constant_result  # the machine, not the data: a constant of compiled graphs
+def _kernels_refuse(device: str, dtype: torch.dtype, head_dim: int) -> bool:
+    return kernels.unsupported_reason(torch.device(device), dtype, head_dim) is not None
+
+
+@torch.compiler.assume_constant_result
+def _arch(device: str) -> int:
+    return kernels.target_arch(torch.device(device))
+
+
+@torch.compiler.assume_constant_result
+def _ieee(dtype: torch.dtype) -> bool:
+    """float32 dots in IEEE precision under torch's 'highest' matmul precision, else tf32."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == 'highest'
+
+
+# --- the torch paths ---------------------------------------------------------------------------------------
 
 def attention_reference(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
@@ -236,77 +251,62 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return _sdpa(q, k, v, bias, scale)
 
 
-def _row_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
+def _rows_per_block(n: int, H: int, W: int, element_size: int) -> int:
+    """Image rows of queries whose bias slice (n, rows * W, H * W) fits the blocked path's budget."""
+    return min(H, max(1, _block_bytes() // max(1, n * W * H * W * element_size)))
+
+
+def _row_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
                r0: int, r1: int, scale: float, buffer: torch.Tensor) -> torch.Tensor:
-    """Attention of the queries in image rows r0..r1 over all tokens; their decay slice is built in ``buffer``."""
-    n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
-    bias = buffer[:n * (r1 - r0) * W * H * W].view(n, r1 - r0, W, H, W)
-    torch.add(mask_h[:, r0:r1, None, :, None], mask_w[:, None, :, None, :], out=bias)
-    return _sdpa(q, k, v, bias.view(n, (r1 - r0) * W, H * W), scale)
+    """Attention of the queries in image rows r0..r1 over all tokens; their bias slice is built in ``buffer``."""
+    return _sdpa(q, k, v, manhattan_bias(bias_h, bias_w, (r0, r1), buffer), scale)
 
 
-def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_h: torch.Tensor, mask_w: torch.Tensor,
+def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
              scale: float) -> torch.Tensor:
-    """Full attention in blocks of image rows; each block builds only its (n, rows*W, HW) decay slice.
+    """Full attention in blocks of image rows; each block builds only its (n, rows*W, HW) bias slice.
 
     Every block builds its slice in one reused buffer: a fresh slice per block, between the small
     outputs, fragments the heap and grows the process by about a slice per block. With autograd each
     block is checkpointed, so nothing keeps a slice: the backward pass rebuilds it, one block at a time.
     """
-    n, H, W = mask_h.shape[0], mask_h.shape[1], mask_w.shape[1]
+    n, H, W = bias_h.shape[0], bias_h.shape[1], bias_w.shape[1]
     N, L, d = q.shape[0], H * W, q.shape[-1]
-    rows = min(H, max(1, _block_budget() // max(1, n * W * L * mask_h.element_size())))
-    buffer = torch.empty(n * rows * W * L, device=q.device, dtype=mask_h.dtype)
+    rows = _rows_per_block(n, H, W, bias_h.element_size())
+    buffer = torch.empty(n * rows * W * L, device=q.device, dtype=bias_h.dtype)
     if torch.is_grad_enabled():
         outs = []
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             q_rows = q[:, :, r0 * W:r1 * W]
             if torch.jit.is_scripting():  # no checkpoint: every block keeps its own slice
-                outs.append(_row_block(q_rows, k, v, mask_h, mask_w, r0, r1, scale, torch.empty_like(buffer)))
+                outs.append(_row_block(q_rows, k, v, bias_h, bias_w, r0, r1, scale, torch.empty_like(buffer)))
             else:  # the buffer is bound, not an input: checkpoint must not track its in-place rewrites
                 row_block = functools.partial(_row_block, buffer=buffer)
-                outs.append(checkpoint(row_block, q_rows, k, v, mask_h, mask_w, r0, r1, scale))
+                outs.append(grad_checkpoint(row_block, q_rows, k, v, bias_h, bias_w, r0, r1, scale))
         return torch.cat(outs, dim=2)
     out = torch.empty(N, L, n, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
-        out[:, :, r0 * W:r1 * W] = _row_block(q[:, :, r0 * W:r1 * W], k, v, mask_h, mask_w, r0, r1, scale, buffer)
+        out[:, :, r0 * W:r1 * W] = _row_block(q[:, :, r0 * W:r1 * W], k, v, bias_h, bias_w, r0, r1, scale, buffer)
     return out
 
 
-@torch.jit.unused
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, W: int,
-          scale: float) -> torch.Tensor:
-    """Full attention with FlexAttention; the decay is computed per score from token indices."""
-    decay = decay.to(torch.float32)
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        distance = (q_idx // W - kv_idx // W).abs() + (q_idx % W - kv_idx % W).abs()
-        return score + decay[h] * distance
-
-    flex = _compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else _flex_attention()
-    return flex(q, k, v, score_mod=score_mod, scale=scale)
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, n, d) -> (B, n, HW, d), a view."""
+    return x.flatten(1, 2).transpose(1, 2)
 
 
-def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: DecayTables, scale: float,
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: PositionTables, scale: float,
                    impl: str) -> torch.Tensor:
     """Attention over all H*W tokens; q, k, v and the result are (B, H, W, n, d)."""
     B, H, W, n, d = q.shape
-    decay, mask_h, mask_w, mask_2d = tables.decay, tables.mask_h, tables.mask_w, tables.mask_2d
-    q = q.reshape(B, H * W, n, d).transpose(1, 2)
-    k = k.reshape(B, H * W, n, d).transpose(1, 2)
-    v = v.reshape(B, H * W, n, d).transpose(1, 2)
     if impl == 'blocked':
-        out = _blocked(q, k, v, mask_h, mask_w, scale)
-    elif impl == 'flex':
-        out = _flex(q, k, v, decay, W, scale)
-    elif impl in ('sdpa', 'bmm', 'reference'):
-        if mask_2d.numel() == 0:
-            raise RuntimeError('the full-attention paths need the 2-D decay mask in the tables')
-        out = _attend(q, k, v, mask_2d, scale, impl)
+        out = _blocked(_heads_first(q), _heads_first(k), _heads_first(v), tables.bias_h, tables.bias_w, scale)
     else:
-        raise ValueError('unknown attention implementation ' + impl)
+        if tables.bias_2d.numel() == 0:
+            raise RuntimeError('the full-attention paths need the 2-D bias in the tables')
+        out = _attend(_heads_first(q), _heads_first(k), _heads_first(v), tables.bias_2d, scale, impl)
     return out.transpose(1, 2).unflatten(1, (H, W))
 
 
@@ -320,32 +320,275 @@ def _columns(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4).flatten(0, 1)
 
 
-def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: DecayTables, scale: float,
+def decomposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: PositionTables, scale: float,
                          impl: str) -> torch.Tensor:
     """Attention along each row, then along each column of the row result; (B, H, W, n, d) in and out.
 
     The result is a (B, H, W, n, d) view of the column pass output, in whatever layout its kernel wrote.
     """
     B, H, W, n, d = q.shape
-    rows = _attend(_rows(q), _rows(k), _rows(v), tables.mask_w, scale, impl)
+    rows = _attend(_rows(q), _rows(k), _rows(v), tables.bias_w, scale, impl)
     v = rows.unflatten(0, (B, H)).permute(0, 1, 3, 2, 4)
-    out = _attend(_columns(q), _columns(k), _columns(v), tables.mask_h, scale, impl)
+    out = _attend(_columns(q), _columns(k), _columns(v), tables.bias_h, scale, impl)
     return out.unflatten(0, (B, W)).permute(0, 3, 1, 2, 4)
 
 
-@register_notrace_module
+# --- the pipeline -----------------------------------------------------------------------------------------
+
+def masa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: torch.Tensor, tables: PositionTables,
+                   plan: AttentionPlan, num_heads: int, decomposed: bool,
+                   kernel_config: Optional[List[int]] = None) -> torch.Tensor:
+    """MaSA from its raw projections to what ``proj`` reads: ``lce + attention(theta(q), theta(k), v)``.
+
+    q, k, v, lce: (B, H, W, C) channels-last, q and k before the theta shift; ``tables`` from the
+    stage's :class:`~rmt.position.RelPos2d` in ``plan.table_dtype``. Returns (B, H, W, C). ``lce``
+    is updated in place on the torch paths (pass a tensor this call may own, not a leaf).
+    ``kernel_config``: a :class:`rmt.kernels.KernelConfig` for the Triton path (default: its
+    :func:`~rmt.kernels.default_config`).
+    """
+    if plan.impl == 'triton':
+        return _masa_triton(q, k, v, lce, tables, num_heads, decomposed, kernel_config)
+    B, H, W, C = q.shape
+    shape = (B, H, W, num_heads, C // num_heads)
+    scale = (C // num_heads) ** -0.5
+    q, k, v = theta_shift(q.view(shape), tables), theta_shift(k.view(shape), tables), v.view(shape)
+    if decomposed:
+        out = decomposed_attention(q, k, v, tables, scale, plan.impl)
+    else:
+        out = full_attention(q, k, v, tables, scale, plan.impl)
+    # in place: the sum keeps the conv output's (B, H, W, C) layout and reads ``out`` in whatever
+    # layout the attention kernel left it, with no copy
+    return lce.view(shape).add_(out).flatten(-2)
+
+
+torch.fx.wrap('masa_attention')  # one node in FX graphs: the path is chosen when the graph runs
+
+
+# --- the Triton op: guard, fallbacks, autograd -----------------------------------------------------------
+
+# configurations whose kernels failed in this process -> the reason
+_kernel_failures: Dict[Tuple, str] = {}
+# (configuration, direction) whose kernels ran once
+_kernel_verified = set()
+
+
+def _config_key(device: torch.device, dtype: torch.dtype, H: int, W: int, C: int, num_heads: int,
+                decomposed: bool, config: List[int]) -> Tuple:
+    return str(device), dtype, int(H), int(W), int(C), int(num_heads), bool(decomposed), tuple(config)
+
+
+def clear_kernel_failures() -> None:
+    """Forget the kernel failures of this process: every configuration is tried (and guarded) again."""
+    _kernel_failures.clear()
+    _kernel_verified.clear()
+
+
+def kernel_failures() -> Dict[Tuple, str]:
+    """The Triton configurations (device, dtype, H, W, C, heads, decomposed, kernel settings) that failed in
+    this process, with the reason; MaSA layers of those shapes use the ``sdpa`` / ``blocked`` path."""
+    return dict(_kernel_failures)
+
+
+def _fallback_impl(decomposed: bool, num_heads: int, q: torch.Tensor) -> str:
+    return _by_size(decomposed, num_heads, q.shape[1], q.shape[2], q, q.dtype, dispatch_thresholds(), False)
+
+
+def _guarded(key: Tuple, direction: str, q: torch.Tensor, launches: List) -> bool:
+    """Run ``launches`` under ``q``'s device; on the first use of ``(key, direction)`` a failure is recorded
+    and reported instead of raised. Returns whether the kernels ran."""
+    if key in _kernel_failures:
+        return False
+    with kernels.device_guard(q.device):
+        if (key, direction) in _kernel_verified:
+            for launch in launches:
+                launch()
+            return True
+        try:
+            for launch in launches:
+                launch()
+        except Exception as e:  # noqa: BLE001 (compile errors, out of resources, driver errors: all fall back)
+            reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'[:300]
+            _kernel_failures[key] = reason
+            device, dtype, H, W, C, heads, decomposed, _ = key
+            warnings.warn(
+                f'rmt: the Triton MaSA {direction} kernels failed for a {"decomposed" if decomposed else "full"} '
+                f'stage of {H}x{W} tokens, {C} channels in {heads} heads, {dtype} on {device} ({reason}); '
+                f'using the {_fallback_impl(decomposed, heads, q)} path for it from now on', RuntimeWarning)
+            return False
+    _kernel_verified.add((key, direction))
+    return True
+
+
+def _tables(rotation: torch.Tensor, decay: torch.Tensor, dtype: torch.dtype, with_2d: bool) -> PositionTables:
+    """Position tables in ``dtype`` from the op's float32 rotation pairs and decay rates."""
+    H, W = rotation.shape[0], rotation.shape[1]
+    sin, cos = rotation_to_sin_cos(rotation)
+    bias_h, bias_w = axis_bias(decay, H, rotation.device, dtype), axis_bias(decay, W, rotation.device, dtype)
+    bias_2d = manhattan_bias(bias_h, bias_w) if with_2d else bias_h.new_empty(0)
+    return PositionTables(sin.to(dtype), cos.to(dtype), rotation.new_empty(0), decay, bias_h, bias_w, bias_2d)
+
+
+def _fallback_forward(q, k, v, lce, rotation, decay, num_heads, decomposed):
+    impl = _fallback_impl(decomposed, num_heads, q)
+    tables = _tables(rotation, decay, q.dtype, not decomposed and impl != 'blocked')
+    return masa_attention(q, k, v, lce.clone(), tables, AttentionPlan(impl, q.dtype, False), num_heads, decomposed)
+
+
+def _attention_vjp(q, k, v, bias, scale, grad):
+    """Gradients of ``softmax(q k^T * scale + bias) v`` for (N, n, L, d) inputs, written out (no autograd:
+    this runs inside an op). Returns (dq, dk, dv)."""
+    p = (q @ k.transpose(-2, -1) * scale + bias.to(q.dtype)).softmax(-1)
+    dp = grad @ v.transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    return ds @ k * scale, ds.transpose(-2, -1) @ q * scale, p.transpose(-2, -1) @ grad
+
+
+def _fallback_backward(grad, q, k, v, rotation, decay, num_heads, decomposed):
+    """The gradients of the op computed with torch operators (float32 math for half precision inputs)."""
+    B, H, W, C = q.shape
+    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    shape = (B, H, W, num_heads, C // num_heads)
+    scale = (C // num_heads) ** -0.5
+    sin, cos = [t.to(dtype) for t in rotation_to_sin_cos(rotation)]
+    qr = theta_shift_reference(q.to(dtype).view(shape), sin, cos)
+    kr = theta_shift_reference(k.to(dtype).view(shape), sin, cos)
+    v, grad = v.to(dtype).view(shape), grad.to(dtype).view(shape)
+    if decomposed:
+        bias_h, bias_w = axis_bias(decay, H, q.device, dtype), axis_bias(decay, W, q.device, dtype)
+        rows = _attend(_rows(qr), _rows(kr), _rows(v), bias_w, scale, 'reference').unflatten(0, (B, H))
+        rows = rows.permute(0, 1, 3, 2, 4)
+        dqc, dkc, d_rows = _attention_vjp(_columns(qr), _columns(kr), _columns(rows), bias_h, scale, _columns(grad))
+        back = lambda t: t.unflatten(0, (B, W)).permute(0, 3, 1, 2, 4)  # noqa: E731
+        d_rows = back(d_rows)
+        dqr, dkr, dv = _attention_vjp(_rows(qr), _rows(kr), _rows(v), bias_w, scale, _rows(d_rows))
+        fwd = lambda t: t.unflatten(0, (B, H)).permute(0, 1, 3, 2, 4)  # noqa: E731
+        dq, dk, dv = back(dqc) + fwd(dqr), back(dkc) + fwd(dkr), fwd(dv)
+    else:
+        dq, dk, dv = _full_vjp(qr, kr, v, decay, scale, grad)
+    dq, dk = theta_shift_reference(dq, sin, cos, inverse=True), theta_shift_reference(dk, sin, cos, inverse=True)
+    return tuple(t.reshape(B, H, W, C).to(q.dtype) for t in (dq, dk, dv))
+
+
+def _full_vjp(q, k, v, decay, scale, grad):
+    """:func:`_attention_vjp` of full attention in blocks of image rows, (B, H, W, n, d) tensors."""
+    B, H, W, n, d = q.shape
+    bias_h, bias_w = axis_bias(decay, H, q.device, q.dtype), axis_bias(decay, W, q.device, q.dtype)
+    q, k, v, grad = _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(grad)
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    rows = _rows_per_block(n, H, W, 2 * q.element_size())
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        block = slice(r0 * W, r1 * W)
+        dq[:, :, block], dk_part, dv_part = _attention_vjp(
+            q[:, :, block], k, v, manhattan_bias(bias_h, bias_w, (r0, r1)), scale, grad[:, :, block])
+        dk += dk_part
+        dv += dv_part
+    return tuple(t.transpose(1, 2).unflatten(1, (H, W)) for t in (dq, dk, dv))
+
+
+@torch.library.custom_op('rmt::masa', mutates_args=())
+def _masa_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: torch.Tensor, rotation: torch.Tensor,
+        decay: torch.Tensor, num_heads: int, decomposed: bool, keep_stats: bool, ieee: bool, config: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lce + MaSA attention, log-sum-exp of the first pass, of the second)``; see :func:`_masa_triton`."""
+    q, k, v, lce = q.contiguous(), k.contiguous(), v.contiguous(), lce.contiguous()
+    cfg = kernels.KernelConfig(*config)
+    scale = (q.shape[-1] // num_heads) ** -0.5
+    out, stats, launches = kernels.masa_forward(q, k, v, lce, rotation.contiguous(), decay.contiguous(), scale,
+                                                num_heads, decomposed, keep_stats, ieee, cfg)
+    stats = stats + [q.new_zeros(0, dtype=torch.float32)] * (2 - len(stats))
+    if q.numel() == 0:
+        return out, stats[0], stats[1]
+    key = _config_key(q.device, q.dtype, *q.shape[1:], num_heads, decomposed, config)
+    if not _guarded(key, 'forward', q, launches):
+        out = _fallback_forward(q, k, v, lce, rotation, decay, num_heads, decomposed)
+    return out, stats[0], stats[1]
+
+
+@_masa_op.register_fake
+def _(q, k, v, lce, rotation, decay, num_heads, decomposed, keep_stats, ieee, config):
+    shapes = kernels.stats_shapes(q, num_heads, decomposed, keep_stats, kernels.KernelConfig(*config)) + [(0,)]
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty(shapes[0], dtype=torch.float32), q.new_empty(shapes[1], dtype=torch.float32)
+
+
+@torch.library.custom_op('rmt::masa_backward', mutates_args=())
+def _masa_backward_op(
+        grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lce: torch.Tensor,
+        stats0: torch.Tensor, stats1: torch.Tensor, rotation: torch.Tensor, decay: torch.Tensor,
+        num_heads: int, decomposed: bool, ieee: bool, config: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k (before the theta shift) and v of ``rmt::masa`` from the gradient of its output."""
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    grad = grad.contiguous()
+    cfg = kernels.KernelConfig(*config)
+    scale = (q.shape[-1] // num_heads) ** -0.5
+    key = _config_key(q.device, q.dtype, *q.shape[1:], num_heads, decomposed, config)
+    if key not in _kernel_failures:
+        stats = [stats0, stats1][:len(kernels.pass_modes(decomposed))]
+        dq, dk, dv, launches = kernels.masa_backward(grad, q, k, v, out, lce, stats, rotation, decay, scale,
+                                                     num_heads, decomposed, ieee, cfg)
+        if _guarded(key, 'backward', q, launches):
+            return dq, dk, dv
+    return _fallback_backward(grad, q, k, v, rotation, decay, num_heads, decomposed)
+
+
+@_masa_backward_op.register_fake
+def _(grad, q, k, v, out, lce, stats0, stats1, rotation, decay, num_heads, decomposed, ieee, config):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _last_pass_looped(q: torch.Tensor, decomposed: bool, config: List[int]) -> bool:
+    H, W = q.shape[1], q.shape[2]
+    return kernels.looped('cols' if decomposed else 'full', H, W, kernels.KernelConfig(*config))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, lce, rotation, decay, num_heads, decomposed, _keep, ieee, config = inputs
+    out, stats0, stats1 = output
+    if not _last_pass_looped(q, decomposed, config):  # only a looped last pass reads its output back
+        out, lce = out.new_empty(0), lce.new_empty(0)
+    ctx.save_for_backward(q, k, v, out, lce, stats0, stats1, rotation, decay)
+    ctx.config = (num_heads, decomposed, ieee, config)
+
+
+def _backward(ctx, grad, _grad_stats0, _grad_stats1):
+    dq = dk = dv = None
+    if any(ctx.needs_input_grad[:3]):
+        dq, dk, dv = _masa_backward_op(grad, *ctx.saved_tensors, *ctx.config)
+    return dq, dk, dv, grad, None, None, None, None, None, None, None
+
+
+_masa_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.jit.unused
+def _masa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: torch.Tensor, tables: PositionTables,
+                 num_heads: int, decomposed: bool, config: Optional[List[int]]) -> torch.Tensor:
+    """The ``rmt::masa`` op on the raw projections: float32 tables, the kernel settings of
+    :func:`rmt.kernels.default_config` for the device unless given, statistics kept only when a backward
+    will come."""
+    keep_stats = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    config = config or kernels.default_config(q.shape[-1] // num_heads, q.dtype, _arch(str(q.device)))
+    out, _, _ = _masa_op(q, k, v, lce.to(q.dtype), tables.rotation, tables.decay, int(num_heads), bool(decomposed),
+                         keep_stats, _ieee(q.dtype), list(config))
+    return out
+
+
 class MaSA(nn.Module):
     """Manhattan self-attention: rotary-shifted q and k, decayed attention, plus LCE on v.
 
     LCE (local context enhancement) is a depthwise 5x5 conv on v, added to the attention output.
-    Works on channels-last (B, H, W, C) features.
+    Works on channels-last (B, H, W, C) features; the stage's :class:`AttentionPlan` and position
+    tables come in with them.
     """
 
     def __init__(self, dim: int, num_heads: int, decomposed: bool):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.decomposed = decomposed
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
@@ -353,29 +596,11 @@ class MaSA(nn.Module):
         self.lce = nn.Conv2d(dim, dim, kernel_size=5, padding=2, groups=dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, impl: str, tables: DecayTables) -> torch.Tensor:
-        B, H, W, C = x.shape
+    def forward(self, x: torch.Tensor, plan: AttentionPlan, tables: PositionTables) -> torch.Tensor:
         # three projections rather than one fused: contiguous outputs, and no slower
         q, k, v = self.q(x), self.k(x), self.v(x)
         lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if impl == 'triton':
-            return self.proj(self._fused(q, k, v, lce, tables))
-        shape = (B, H, W, self.num_heads, self.head_dim)
-        q, k, v = theta_shift(q.view(shape), tables), theta_shift(k.view(shape), tables), v.view(shape)
-        if self.decomposed:
-            out = decomposed_attention(q, k, v, tables, self.scale, impl)
-        else:
-            out = full_attention(q, k, v, tables, self.scale, impl)
-        # in place: the sum keeps the conv output's (B, H, W, C) layout and reads ``out`` in whatever
-        # layout the attention kernel left it, with no copy
-        return self.proj(lce.unflatten(-1, (self.num_heads, self.head_dim)).add_(out).flatten(-2))
-
-    @torch.jit.unused
-    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: torch.Tensor,
-               tables: DecayTables) -> torch.Tensor:
-        """Theta shift, decayed attention and the LCE add in the Triton kernels."""
-        return kernels.masa_attention(q, k, v, lce, tables.rotation, tables.decay, self.scale, self.num_heads,
-                                      self.decomposed)
+        return self.proj(masa_attention(q, k, v, lce, tables, plan, self.num_heads, self.decomposed))
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, decomposed={self.decomposed}'

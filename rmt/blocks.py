@@ -3,20 +3,21 @@
 Stages work on channels-last (B, H, W, C) features so the Linear layers see contiguous channels;
 the depthwise convs view the same memory as channels-last NCHW, so no layout copies are needed.
 """
+import warnings
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import DropPath, LayerScale, register_notrace_function, register_notrace_module
-from timm.layers.fast_norm import fast_layer_norm
-from timm.models._manipulate import checkpoint
+from timm.layers import DropPath, LayerScale, fast_layer_norm
+from timm.models import checkpoint as grad_checkpoint
 
-from .attention import MaSA, autocast_dtype, needs_2d_mask, select_attn_impl, table_dtype
-from .decay import DecayTables, SpatialDecay
+from .attention import AttentionPlan, MaSA, autocast_dtype, plan_attention
+from .position import PositionTables, RelPos2d
 
-__all__ = ['Stem', 'Downsample', 'ResidualDWConv', 'FFN', 'LayerNorm', 'RMTBlock', 'RMTStage']
+__all__ = ['Stem', 'Downsample', 'ResidualDWConv', 'CPE', 'GeluDWConv', 'gelu_dwconv', 'FFN', 'AutocastLayerNorm',
+           'RMTBlock', 'RMTStage']
 
 
 class Stem(nn.Module):
@@ -54,7 +55,7 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
 
-class _GeluDWConv(torch.autograd.Function):
+class _GeluDWConvFunction(torch.autograd.Function):
     """``conv(GELU(x))`` that keeps only ``x`` for backward and recomputes the GELU there."""
 
     @staticmethod
@@ -73,45 +74,66 @@ class _GeluDWConv(torch.autograd.Function):
         return torch.ops.aten.gelu_backward(grad_h, x), grad_weight, grad_bias, None
 
 
-@register_notrace_function
 def gelu_dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
     """Depthwise ``conv(GELU(x))`` of (B, C, H, W) ``x``. Under autograd only ``x`` is kept for backward,
-    not also ``GELU(x)``: the FFN's hidden activations are the largest tensors a block saves."""
-    if torch.jit.is_scripting() or not torch.is_grad_enabled():
+    not also ``GELU(x)``: the FFN's hidden activations are the largest tensors a block saves. Traced
+    graphs (``torch.jit.trace``, ONNX) and TorchScript take the plain ops."""
+    if torch.jit.is_scripting() or not torch.is_grad_enabled() or _tracing():
         return F.conv2d(F.gelu(x), weight, bias, padding=padding, groups=weight.shape[0])
     return _gelu_dwconv_keeping_input(x, weight, bias, padding)
+
+
+@torch.jit.unused
+def _tracing() -> bool:
+    return torch.jit.is_tracing()
 
 
 @torch.jit.unused
 def _gelu_dwconv_keeping_input(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                padding: int) -> torch.Tensor:
     # cast as autocast would, so that backward sees the dtypes forward used
-    return _GeluDWConv.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding)
+    return _GeluDWConvFunction.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding)
+
+
+torch.fx.wrap('gelu_dwconv')  # a leaf of FX graphs: the autograd function runs, untraced
 
 
 class ResidualDWConv(nn.Module):
-    """``x + DWConv3x3(x)`` (depthwise, with bias) on channels-last features, as one conv.
+    """``x + DWConv(x)`` (depthwise, with bias) on channels-last (B, H, W, C) features, as one conv.
 
     The residual is folded into the kernel (its centre raised by 1): the same sum, without a
-    separate pass over memory for the add. With ``gelu_first`` it is ``GELU(x) + DWConv(GELU(x))``,
-    the FFN's activation and conv, computed by :func:`gelu_dwconv`.
+    separate pass over memory for the add.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3, gelu_first: bool = False):
+    def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
-        self.gelu_first = gelu_first
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         identity = torch.zeros(dim, 1, kernel_size, kernel_size)
         identity[:, :, kernel_size // 2, kernel_size // 2] = 1
         self.register_buffer('identity', identity, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.conv.weight + self.identity
-        if self.gelu_first:
-            x = gelu_dwconv(x.permute(0, 3, 1, 2), weight, self.conv.bias, self.conv.padding[0])
-        else:
-            x = F.conv2d(x.permute(0, 3, 1, 2), weight, self.conv.bias, padding=self.conv.padding,
-                         groups=self.conv.groups)
+        x = F.conv2d(x.permute(0, 3, 1, 2), self.conv.weight + self.identity, self.conv.bias,
+                     padding=self.conv.padding, groups=self.conv.groups)
+        return x.permute(0, 2, 3, 1)
+
+
+class CPE(ResidualDWConv):
+    """Conditional positional encoding, ``x + DWConv3x3(x)``, at the start of every block (the released ``pos``)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, 3)
+
+
+class GeluDWConv(ResidualDWConv):
+    """The FFN's activation and conv: ``h + DWConv3x3(h)`` with ``h = GELU(x)``, computed by :func:`gelu_dwconv`
+    so that backward keeps ``x`` only."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = gelu_dwconv(x.permute(0, 3, 1, 2), self.conv.weight + self.identity, self.conv.bias, self.conv.padding[0])
         return x.permute(0, 2, 3, 1)
 
 
@@ -121,29 +143,41 @@ class FFN(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.dwconv = ResidualDWConv(hidden_dim, gelu_first=True)
+        self.dwconv = GeluDWConv(hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv(self.fc1(x))  # GELU(x) + DWConv(GELU(x))
-        return self.fc2(x)
+        return self.fc2(self.dwconv(self.fc1(x)))
 
 
-@register_notrace_module
-class LayerNorm(nn.LayerNorm):
+class AutocastLayerNorm(nn.LayerNorm):
     """LayerNorm over channels that keeps autocast's dtype.
 
     Under autocast, PyTorch runs LayerNorm in float32: it copies its half-precision input up and the
     next Linear copies the output back down, and the float32 copy is what backward keeps. timm's
     ``fast_layer_norm`` reads and writes the autocast dtype and accumulates in float32 inside the kernel.
+    Outside autocast it is ``nn.LayerNorm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if autocast_dtype(x) is not None:
-            return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        return autocast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def autocast_layer_norm(x: torch.Tensor, normalized_shape: List[int], weight: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """``F.layer_norm``, in autocast's dtype under autocast (see :class:`AutocastLayerNorm`)."""
+    if not torch.jit.is_scripting() and autocast_dtype(x) is not None:
+        return fast_layer_norm(x, normalized_shape, weight, bias, eps)
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+torch.fx.wrap('autocast_layer_norm')
 
 
 class RMTBlock(nn.Module):
@@ -159,25 +193,26 @@ class RMTBlock(nn.Module):
             drop_path: float = 0.,
     ):
         super().__init__()
-        self.cpe = ResidualDWConv(dim)
-        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.cpe = CPE(dim)
+        self.norm1 = AutocastLayerNorm(dim, eps=1e-6)
         self.attn = MaSA(dim, num_heads, decomposed)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.norm2 = AutocastLayerNorm(dim, eps=1e-6)
         self.ffn = FFN(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: torch.Tensor, impl: str, tables: DecayTables) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan, tables: PositionTables) -> torch.Tensor:
         x = self.cpe(x)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), impl, tables)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), plan, tables)))
         x = x + self.drop_path2(self.ls2(self.ffn(self.norm2(x))))
         return x
 
 
 class RMTStage(nn.Module):
-    """Optional downsampling from the previous stage, then ``depth`` RMT blocks sharing one set of tables."""
+    """Optional downsampling from the previous stage, then ``depth`` RMT blocks sharing one plan and one set of
+    position tables (``relpos``)."""
 
     def __init__(
             self,
@@ -199,7 +234,7 @@ class RMTStage(nn.Module):
         self.attn_impl = 'auto'
         self.grad_checkpointing = False
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
-        self.decay = SpatialDecay(dim, num_heads, decay_exponent, heads_range)
+        self.relpos = RelPos2d(dim, num_heads, decay_exponent, heads_range)
         drop_path = drop_path or [0.] * depth
         self.blocks = nn.ModuleList([
             RMTBlock(dim, num_heads, mlp_ratio, decomposed, layer_scale_init, drop_path[i])
@@ -208,12 +243,23 @@ class RMTStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        impl = select_attn_impl(self.attn_impl, self.decomposed, self.num_heads, x)
-        tables = self.decay(x.shape[1], x.shape[2], x.device, table_dtype(impl, x),
-                            needs_2d_mask(impl, self.decomposed))
+        plan = plan_attention(self.attn_impl, self.decomposed, self.num_heads, x)
+        tables = self.relpos(x.shape[1], x.shape[2], x.device, plan.table_dtype, plan.needs_2d_bias)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, impl, tables)
+                x = grad_checkpoint(block, x, plan, tables)
             else:
-                x = block(x, impl, tables)
+                x = block(x, plan, tables)
         return x
+
+
+torch.fx.wrap('plan_attention')  # FX graphs (torchvision's feature extraction) plan at run time
+
+_RENAMED = {'LayerNorm': 'AutocastLayerNorm'}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:  # kept for one release (see the README's changelog)
+        warnings.warn(f'rmt.blocks.{name} is now rmt.blocks.{_RENAMED[name]}', FutureWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

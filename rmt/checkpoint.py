@@ -40,7 +40,7 @@ from timm.models import clean_state_dict
 from timm.models._manipulate import adapt_input_conv
 from timm.utils import CheckpointSaver
 
-from .decay import decay_rates, rotary_angles
+from .position import decay_rates, rotary_angles
 
 __all__ = [
     'load_checkpoint_file', 'weights_key', 'has_ema', 'state_dict_from_checkpoint', 'is_released', 'remap_released',
@@ -159,9 +159,9 @@ def is_released(state_dict: Dict[str, Any]) -> bool:
 def _check_position_buffer(key: str, value: torch.Tensor, model: nn.Module, stage: int, kind: str) -> None:
     if stage >= len(model.stages):
         return  # a pruned model; the stage's weights are dropped as unexpected keys
-    decay = model.stages[stage].decay
-    expected = rotary_angles(decay.head_dim) if kind == 'angle' else \
-        decay_rates(decay.num_heads, decay.decay_exponent, decay.heads_range)
+    relpos = model.stages[stage].relpos
+    expected = rotary_angles(relpos.head_dim) if kind == 'angle' else \
+        decay_rates(relpos.num_heads, relpos.decay_exponent, relpos.heads_range)
     if value.shape != expected.shape or not torch.allclose(value.float().cpu(), expected, rtol=1e-5, atol=1e-6):
         raise ValueError(
             f'checkpoint key {key} {tuple(value.shape)} does not match this model\'s stage {stage} '

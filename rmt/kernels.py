@@ -1,31 +1,42 @@
-"""Triton kernels for MaSA: decayed attention with the rotary shift, the decay bias and the LCE add fused.
+"""Triton kernels for MaSA: decayed attention with the theta shift and the decay bias computed in registers.
 
-One op, ``rmt::masa``, computes a MaSA layer's attention from the raw projections q, k, v and the
-LCE output, all (B, H, W, C) channels-last as the Linear layers write them:
+A MaSA layer's attention is one or two *passes* over sequences of tokens of a (B, H, W, C) map,
+read and written channels-last as the Linear layers produce them:
 
-* the theta shift of q and k is applied in registers from the stage's (cos, sin) pairs;
-* the decay bias ``lambda_h * distance`` is computed in registers from the head's rate and the
-  token indices (1-D along a row or column, Manhattan for full attention), so no mask is read;
-* decomposed MaSA is two passes, along every row and then along every column of the row result;
-  the column pass reads strided views of the same (B, H, W, C) memory, with no permute copies;
-* the last pass adds the LCE output as it stores, so ``proj`` reads the sum directly.
+* ``rows``: every image row is a sequence (decay ``lambda_h |j - j'|``), the first pass of
+  decomposed MaSA;
+* ``cols``: every image column (``lambda_h |i - i'|``), the second pass, reading the row pass's
+  output as its values through strided addresses, with no permute copies;
+* ``full``: all H * W tokens of an image, with the Manhattan distance.
 
-Sequences no longer than ``TILE`` tokens are packed, several to a program, into one tile whose
-off-diagonal blocks are masked; the backward pass recomputes that tile's softmax in registers. Longer
-sequences (full attention at detection sizes, rows of large images) loop over key blocks with an
-online softmax, save the log-sum-exp, and run a two-kernel backward (dq, then dk and dv); no (L x L)
-tensor exists. Backward keeps only q, k and v (and those statistics): decomposed MaSA reruns its row
-pass rather than keeping the row result, one tensor less per block for a fraction of the backward.
+In every pass the theta shift of q and k is applied as they are loaded, from the stage's table of
+(cos, sin) pairs, and the decay bias is computed from token coordinates, so no table of the bias
+is read. The last pass adds the LCE output as it
+stores, so ``proj`` reads the sum.
 
-The op is a ``torch.library`` custom op with a fake implementation and autograd through the
-backward kernels, so ``torch.compile(fullgraph=True)`` captures it. Triton is optional: without
-it (CPU-only torch builds) :func:`supports` is false and MaSA uses its other paths. On the CPU the
-kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the test suite
-checks them without a GPU.
+Sequences of at most ``tile`` tokens are packed, several to a program, into one tile whose
+off-diagonal blocks are masked (:func:`_fwd_tile_kernel`); its backward recomputes the tile's
+softmax in registers. Longer sequences loop over key blocks with an online softmax and keep the
+log-sum-exp (:func:`_fwd_loop_kernel`); their backward is a dq kernel (one sweep over the keys)
+and a dk/dv kernel (one sweep over the queries), with ``delta = rowsum(dO * O)`` computed once
+from the saved output. No (L x L) tensor exists anywhere.
+
+Every size that fixes a program's layout (H, W, C, heads, head dim, tile) is a ``constexpr``, so
+index arithmetic compiles to constants; a stage shape is one compile per kernel, the batch is not.
+
+This module is Triton only: which layer runs here, and what happens when a kernel cannot run, is
+decided in :mod:`rmt.attention`. :func:`masa_forward` and :func:`masa_backward` return the
+launches of one MaSA call as :class:`Launch` records, so the same list is what the op runs and
+what ``scripts/check_kernels.py`` compiles for a GPU target on a machine without one.
+
+Where it runs (:func:`unsupported_reason`): CUDA devices of compute capability 8.0 or newer
+(bf16 ``mma`` and the shared memory the tiles need), Triton 3.2 or newer (checked by compiling
+for sm_80 and sm_90 with Triton 3.2, 3.3, 3.6 and 3.8), and on the CPU only in Triton's
+interpreter (``TRITON_INTERPRET=1``), which is how the test suite checks the kernels' numerics.
 """
 import math
 import os
-from typing import Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -35,17 +46,57 @@ try:  # CPU-only torch builds ship no Triton
 except Exception:  # noqa: BLE001 (a broken install must not break `import rmt`)
     triton = None
 
-__all__ = ['TILE', 'available', 'interpreting', 'supports', 'masa_attention']
+__all__ = ['KernelConfig', 'Launch', 'MIN_TRITON', 'MIN_CAPABILITY', 'MAX_HEAD_DIM', 'default_config', 'target_arch',
+           'available', 'interpreting', 'triton_version', 'unsupported_reason', 'device_guard', 'pass_modes',
+           'looped', 'forward_pass', 'backward_pass', 'stats_shapes', 'masa_forward', 'masa_backward']
 
-# Sequences up to this many tokens run as one packed tile per program; longer ones loop over blocks.
-TILE = 64
-# Query and key block sizes of the looped kernels.
-BLOCK_M = 64
-BLOCK_N = 64
-# Head dims the kernels accept (padded to a power of two of at least 16 inside the kernels).
+MIN_TRITON = (3, 2)
+MIN_CAPABILITY = (8, 0)
 MAX_HEAD_DIM = 64
-NUM_WARPS = 4
 _LOG2E = math.log2(math.e)
+_MODES = {'rows': 0, 'cols': 1, 'full': 2}
+
+
+class KernelConfig(NamedTuple):
+    """Tile and block sizes, warps and pipeline stages of the kernels (what ``bench_kernels.py --sweep`` varies).
+
+    ``tile``: sequences of at most this many tokens run as one packed tile per program;
+    ``block_m`` / ``block_n``: query and key blocks of the looped kernels; ``num_warps``: warps per
+    program of the forward kernels, ``bwd_warps`` of the backward ones; ``num_stages``: software
+    pipeline depth of the looped kernels' loads (shared memory grows with it).
+    """
+    tile: int = 64
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    bwd_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
+    """The settings the op uses for heads of ``head_dim`` in ``dtype`` on compute capability ``arch``
+    (major * 10 + minor; the interpreter counts as 90), chosen so that no kernel spills registers or
+    exceeds the 99 KB of shared memory of sm_86 / sm_89 (measured by ``scripts/check_kernels.py``).
+
+    Before Hopper the dot operands live in registers: heads padded to 64 channels take 32-token tiles
+    and blocks there. From Hopper on, 64-channel heads (and float32 ones above 16) take 8 warps in
+    backward and two pipeline stages.
+    """
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    wide = padded >= 64 or (dtype == torch.float32 and padded >= 32)
+    if not wide:
+        return KernelConfig()
+    if arch < 90:
+        return KernelConfig(tile=32, block_m=32, block_n=32, num_stages=2)
+    return KernelConfig(bwd_warps=8, num_stages=2)
+
+
+def target_arch(device: torch.device) -> int:
+    """The compute capability of ``device`` as major * 10 + minor; 90 off CUDA (the interpreter)."""
+    if device.type != 'cuda':
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def available() -> bool:
@@ -58,121 +109,206 @@ def interpreting() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
-def supports(x: torch.Tensor, head_dim: int) -> bool:
-    """Whether the kernels can run MaSA on a stage input like ``x`` with heads of ``head_dim``."""
-    if triton is None or head_dim % 2 or head_dim > MAX_HEAD_DIM:
+def triton_version() -> Tuple[int, int]:
+    """(major, minor) of the installed Triton, (0, 0) without one."""
+    if triton is None:
+        return 0, 0
+    major, minor = triton.__version__.split('.')[:2]
+    return int(major), int(''.join(c for c in minor if c.isdigit()) or 0)
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why the kernels cannot run MaSA with heads of ``head_dim`` in ``dtype`` on ``device``, or None if they can."""
+    if triton is None:
+        return 'Triton is not installed'
+    if triton_version() < MIN_TRITON:
+        return f'Triton {triton.__version__} is older than {".".join(map(str, MIN_TRITON))}'
+    if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+        return f'head dim {head_dim} is odd or above {MAX_HEAD_DIM}'
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f'no kernels for {dtype}'
+    if device.type == 'cpu':
+        return None if interpreting() else 'the kernels need CUDA, or TRITON_INTERPRET=1 on the CPU'
+    if device.type != 'cuda':
+        return f'no kernels for {device.type} devices'
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return f'compute capability {capability[0]}.{capability[1]} is below ' \
+               f'{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}'
+    return None
+
+
+def device_guard(device: torch.device):
+    """A context in which launches run on ``device`` (Triton launches on the current CUDA device)."""
+    if device.type == 'cuda':
+        return torch.cuda.device(device)
+    return _NoGuard()
+
+
+class _NoGuard:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         return False
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    return x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreting())
 
 
 if triton is not None:
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
-        if IEEE:  # float32 models keep float32 accuracy (Triton's default would be tf32)
+        if IEEE:  # torch's 'highest' float32 matmul precision (Triton's default would be tf32)
             return tl.dot(a, b, input_precision='ieee')
         return tl.dot(a, b)
 
     @triton.jit
-    def _program(DECAY, NUM_HEADS, BLOCKS):
-        """(head, block, sequence group) of this program, and the head's decay rate in the exp2 domain.
-        Heads vary fastest, so programs that run together read the same tokens' channels."""
-        pid = tl.program_id(0)
-        head = pid % NUM_HEADS
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
-        return head, (pid // NUM_HEADS) % BLOCKS, pid // (NUM_HEADS * BLOCKS), slope
+    def _tokens(seq, t, valid, H: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr, INT64: tl.constexpr):
+        """(raster position i * W + j, row in the (B * H * W, C) matrix) of token ``t`` of sequence ``seq``."""
+        if INT64:
+            seq = seq.to(tl.int64)
+        if MODE == 0:  # rows: sequence b * H + i
+            pos = (seq % H) * W + t
+            row = seq * W + t
+        elif MODE == 1:  # columns: sequence b * W + j
+            b = seq // W
+            pos = t * W + (seq - b * W)
+            row = b * (H * W) + pos
+        else:  # the whole image: sequence b
+            pos = t
+            row = seq * (H * W) + t
+        return tl.where(valid, pos, 0).to(tl.int32), tl.where(valid, row, 0)
 
     @triton.jit
-    def _tokens(u, group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS):
-        """Index ``u`` among a program's packed sequences -> (valid, sequence slot, index in the sequence,
-        raster position i * W + j, token row in the (B * H * W, C) matrix)."""
-        g = u // L
-        t = u - g * L
-        s = group * PACK + g
-        valid = (g < PACK) & (s < SEQS)
-        b = s // N_INNER
-        pos = (s - b * N_INNER) * SEQ_POS + t * TOK_POS
-        row = b.to(tl.int64) * HW + pos
-        return valid, g, t, pos, row
+    def _coords(t, slope, W: tl.constexpr, MODE: tl.constexpr):
+        """Token coordinates times the head's decay slope; the bias between two tokens is minus the
+        L1 distance of their scaled coordinates (``slope`` < 0, so ``slope * |a - b| = -|slope a - slope b|``)."""
+        if MODE == 2:
+            i = t // W
+            return (slope * i).to(tl.float32), (slope * (t - i * W)).to(tl.float32)
+        return (slope * t).to(tl.float32), (slope * t).to(tl.float32)
 
     @triton.jit
-    def _offsets(row, valid, C, head, D, D_PAD: tl.constexpr):
+    def _bias(ci_q, cj_q, ci_k, cj_k, MODE: tl.constexpr):
+        """(queries, keys) decay bias in the exp2 domain from :func:`_coords`."""
+        if MODE == 2:
+            return -tl.abs(ci_q[:, None] - ci_k[None, :]) - tl.abs(cj_q[:, None] - cj_k[None, :])
+        return -tl.abs(ci_q[:, None] - ci_k[None, :])
+
+    @triton.jit
+    def _offsets(row, valid, head, C: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
         e = tl.arange(0, D_PAD)
         return row[:, None] * C + head * D + e[None, :], valid[:, None] & (e[None, :] < D)
 
     @triton.jit
-    def _rotation(ROT, pos, valid, D, D_PAD: tl.constexpr):
-        """(cos, sin) of every frequency at raster positions ``pos``, each (len(pos), D_PAD / 2)."""
-        t = tl.arange(0, D_PAD // 2)
-        ptr = ROT + pos[:, None, None] * D + t[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-        return tl.split(tl.load(ptr, mask=valid[:, None, None] & (t[None, :, None] < D // 2), other=0.))
+    def _pairs(x, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+        """The even and odd channels of a (BLOCK, D_PAD) tensor, each (BLOCK, D_PAD / 2); a pair sits in one
+        thread, so this moves no data between threads."""
+        return tl.split(tl.reshape(x, (BLOCK, D_PAD // 2, 2)))
 
     @triton.jit
-    def _rotate(x, cos, sin, BLOCK: tl.constexpr, D_PAD: tl.constexpr, INVERSE: tl.constexpr):
-        """Theta shift of (BLOCK, D_PAD) float32 rows: each pair (x0, x1) becomes (x0 cos - x1 sin,
-        x1 cos + x0 sin); ``INVERSE`` rotates back (the shift's transpose, for gradients)."""
-        if INVERSE:
-            sin = -sin
-        x0, x1 = tl.split(tl.reshape(x, (BLOCK, D_PAD // 2, 2)))
-        return tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (BLOCK, D_PAD))
+    def _rotation(ROT, pos, mask, BLOCK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+        """(cos, sin) of every rotary frequency at raster positions ``pos``, each (BLOCK, D_PAD / 2), from the
+        stage's (H * W, D / 2, 2) float32 table of pairs."""
+        tab = pos[:, None] * D + tl.arange(0, D_PAD)[None, :]
+        return _pairs(tl.load(ROT + tab, mask=mask, other=0.), BLOCK, D_PAD)
 
     @triton.jit
-    def _load_rotated(ptr, offs, mask, cos, sin, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
-        return _rotate(tl.load(ptr + offs, mask=mask, other=0.).to(tl.float32), cos, sin, BLOCK, D_PAD, False)
+    def _load_rotated(X, offs, mask, ROT, pos, BLOCK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+        """Theta shift of the rows at ``offs`` as they are loaded: each pair (x0, x1) becomes
+        (x0 cos - x1 sin, x1 cos + x0 sin). float32."""
+        x0, x1 = _pairs(tl.load(X + offs, mask=mask, other=0.).to(tl.float32), BLOCK, D_PAD)
+        c, s = _rotation(ROT, pos, mask, BLOCK, D, D_PAD)
+        return tl.reshape(tl.join(x0 * c - x1 * s, x1 * c + x0 * s), (BLOCK, D_PAD))
 
     @triton.jit
-    def _decay_bias(t_q, t_k, slope, IMG_W, DIST2D: tl.constexpr):
-        """``slope * distance`` between query and key tokens: |t - t'| along a row or column, or the
-        Manhattan distance between raster indices of a W-wide image."""
-        if DIST2D:
-            dist = tl.abs(t_q[:, None] // IMG_W - t_k[None, :] // IMG_W) + \
-                tl.abs(t_q[:, None] % IMG_W - t_k[None, :] % IMG_W)
-        else:
-            dist = tl.abs(t_q[:, None] - t_k[None, :])
-        return slope * dist.to(tl.float32)
+    def _rotate_back(x, ROT, pos, mask, BLOCK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+        """The theta shift's transpose, (x0 cos + x1 sin, x1 cos - x0 sin) per pair, on float32 gradients."""
+        x0, x1 = _pairs(x, BLOCK, D_PAD)
+        c, s = _rotation(ROT, pos, mask, BLOCK, D, D_PAD)
+        return tl.reshape(tl.join(x0 * c + x1 * s, x1 * c - x0 * s), (BLOCK, D_PAD))
 
     @triton.jit
-    def _fwd_kernel(
-            Q, K, V, RES, O, LSE, ROT, DECAY,
-            L, SEQS, PACK, N_INNER, HW, C, NUM_HEADS, D, IMG_W, SEQ_POS, TOK_POS, M_BLOCKS, qk_scale,
-            D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST2D: tl.constexpr,
-            SINGLE: tl.constexpr, HAS_RES: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr,
+    def _tile_tokens(group, SEQS, L: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
+        """(sequence, index in it, segment, valid) of the BLOCK slots of a tile packing PACK sequences of L."""
+        u = tl.arange(0, BLOCK)
+        g = u // L
+        seq = group * PACK + g
+        valid = (g < PACK) & (seq < SEQS)
+        return seq, u - g * L, tl.where(valid, g, PACK), valid
+
+    @triton.jit
+    def _fwd_tile_kernel(
+            Q, K, V, RES, O, ROT, DECAY, SEQS, qk_scale,
+            H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, NUM_HEADS: tl.constexpr, D: tl.constexpr,
+            D_PAD: tl.constexpr, L: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr,
+            HAS_RES: tl.constexpr, IEEE: tl.constexpr, INT64: tl.constexpr,
     ):
-        """Attention of one block of queries; ``SINGLE``: the program's packed sequences fit one tile, whose
-        keys are its queries, so their tokens, rotation and loads are shared."""
-        head, m_block, group, slope = _program(DECAY, NUM_HEADS, M_BLOCKS)
+        """Attention of PACK short sequences of one head, all in one tile: their keys are their queries."""
+        head = tl.program_id(0) % NUM_HEADS
+        group = tl.program_id(0) // NUM_HEADS
+        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
         dtype = V.dtype.element_ty
 
-        valid_q, g_q, t_q, pos_q, row_q = _tokens(
-            m_block * BLOCK_M + tl.arange(0, BLOCK_M), group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS)
-        offs_q, mask_q = _offsets(row_q, valid_q, C, head, D, D_PAD)
-        cos_q, sin_q = _rotation(ROT, pos_q, valid_q, D, D_PAD)
-        q = (_load_rotated(Q, offs_q, mask_q, cos_q, sin_q, BLOCK_M, D_PAD) * qk_scale).to(dtype)
+        seq, t, seg, valid = _tile_tokens(group, SEQS, L, PACK, BLOCK)
+        pos, row = _tokens(seq, t, valid, H, W, MODE, INT64)
+        offs, mask = _offsets(row, valid, head, C, D, D_PAD)
+        q = (_load_rotated(Q, offs, mask, ROT, pos, BLOCK, D, D_PAD) * qk_scale).to(dtype)
+        k = _load_rotated(K, offs, mask, ROT, pos, BLOCK, D, D_PAD).to(dtype)
+        v = tl.load(V + offs, mask=mask, other=0.)
+        ci, cj = _coords(t, slope, W, MODE)
+
+        s = _dot(q, tl.trans(k), IEEE) + _bias(ci, cj, ci, cj, MODE)
+        if PACK > 1 or L < BLOCK:
+            s = tl.where(seg[:, None] == seg[None, :], s, float('-inf'))
+        p = tl.exp2(s - tl.max(s, 1)[:, None])
+        out = _dot(p.to(dtype), v, IEEE) / tl.sum(p, 1)[:, None]
+        if HAS_RES:
+            out += tl.load(RES + offs, mask=mask, other=0.).to(tl.float32)
+        tl.store(O + offs, out.to(O.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fwd_loop_kernel(
+            Q, K, V, RES, O, LSE, ROT, DECAY, SEQS, qk_scale,
+            H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, NUM_HEADS: tl.constexpr, D: tl.constexpr,
+            D_PAD: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            MODE: tl.constexpr, HAS_RES: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr,
+            INT64: tl.constexpr,
+    ):
+        """Attention of one block of queries of a long sequence: an online softmax over its key blocks."""
+        M_BLOCKS: tl.constexpr = (L + BLOCK_M - 1) // BLOCK_M
+        head = tl.program_id(0) % NUM_HEADS
+        m_block = (tl.program_id(0) // NUM_HEADS) % M_BLOCKS
+        seq = tl.program_id(0) // (NUM_HEADS * M_BLOCKS)
+        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
+        dtype = V.dtype.element_ty
+
+        t_q = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid_q = (t_q < L) & (seq < SEQS)
+        pos_q, row_q = _tokens(seq, t_q, valid_q, H, W, MODE, INT64)
+        offs_q, mask_q = _offsets(row_q, valid_q, head, C, D, D_PAD)
+        q = (_load_rotated(Q, offs_q, mask_q, ROT, pos_q, BLOCK_M, D, D_PAD) * qk_scale).to(dtype)
+        ci_q, cj_q = _coords(t_q, slope, W, MODE)
 
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        for start in range(0, PACK * L, BLOCK_N):
-            if SINGLE:
-                valid_k, g_k, t_k, offs_k, mask_k, cos_k, sin_k = valid_q, g_q, t_q, offs_q, mask_q, cos_q, sin_q
-            else:
-                valid_k, g_k, t_k, pos_k, row_k = _tokens(
-                    start + tl.arange(0, BLOCK_N), group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS)
-                offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-                cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
-            k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(dtype)
+        for start in range(0, L, BLOCK_N):
+            t_k = start + tl.arange(0, BLOCK_N)
+            valid_k = t_k < L
+            pos_k, row_k = _tokens(seq, t_k, valid_k, H, W, MODE, INT64)
+            offs_k, mask_k = _offsets(row_k, valid_k, head, C, D, D_PAD)
+            k = _load_rotated(K, offs_k, mask_k, ROT, pos_k, BLOCK_N, D, D_PAD).to(dtype)
             v = tl.load(V + offs_k, mask=mask_k, other=0.)
-            s = _dot(q, tl.trans(k), IEEE) + _decay_bias(t_q, t_k, slope, IMG_W, DIST2D)
-            s = tl.where((g_q[:, None] == g_k[None, :]) & valid_k[None, :], s, float('-inf'))
+            ci_k, cj_k = _coords(t_k, slope, W, MODE)
+            s = _dot(q, tl.trans(k), IEEE) + _bias(ci_q, cj_q, ci_k, cj_k, MODE)
+            if L % BLOCK_N != 0:
+                s = tl.where(valid_k[None, :], s, float('-inf'))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _dot(p.to(dtype), v, IEEE)
             m_i = m_new
-        l_i = tl.where(l_i > 0, l_i, 1.)
         out = acc / l_i[:, None]
         if HAS_RES:
             out += tl.load(RES + offs_q, mask=mask_q, other=0.).to(tl.float32)
@@ -182,35 +318,37 @@ if triton is not None:
 
     @triton.jit
     def _bwd_tile_kernel(
-            Q, K, V, DO, DQ, DK, DV, ROT, DECAY,
-            L, SEQS, PACK, N_INNER, HW, C, NUM_HEADS, D, IMG_W, SEQ_POS, TOK_POS, qk_scale, scale,
-            D_PAD: tl.constexpr, BLOCK: tl.constexpr, DIST2D: tl.constexpr, ACCUMULATE: tl.constexpr,
-            IEEE: tl.constexpr,
+            Q, K, V, DO, DQ, DK, DV, ROT, DECAY, SEQS, qk_scale, scale,
+            H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, NUM_HEADS: tl.constexpr, D: tl.constexpr,
+            D_PAD: tl.constexpr, L: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr,
+            ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, INT64: tl.constexpr,
     ):
-        """Gradients of packed short sequences, all in one tile: the softmax, the output (for the
-        row sums of dO * O) and every product are recomputed in registers."""
-        head, _, group, slope = _program(DECAY, NUM_HEADS, 1)
+        """Gradients of PACK short sequences of one head in one tile; the softmax is recomputed in registers
+        and ``delta = rowsum(P * dP)`` needs no output."""
+        head = tl.program_id(0) % NUM_HEADS
+        group = tl.program_id(0) // NUM_HEADS
+        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
         dtype = V.dtype.element_ty
 
-        valid, g, t, pos, row = _tokens(tl.arange(0, BLOCK), group, L, SEQS, PACK, N_INNER, HW, SEQ_POS, TOK_POS)
-        offs, mask = _offsets(row, valid, C, head, D, D_PAD)
-        cos, sin = _rotation(ROT, pos, valid, D, D_PAD)
-        q = _load_rotated(Q, offs, mask, cos, sin, BLOCK, D_PAD)
-        k = _load_rotated(K, offs, mask, cos, sin, BLOCK, D_PAD).to(dtype)
+        seq, t, seg, valid = _tile_tokens(group, SEQS, L, PACK, BLOCK)
+        pos, row = _tokens(seq, t, valid, H, W, MODE, INT64)
+        offs, mask = _offsets(row, valid, head, C, D, D_PAD)
+        q = _load_rotated(Q, offs, mask, ROT, pos, BLOCK, D, D_PAD)
+        k = _load_rotated(K, offs, mask, ROT, pos, BLOCK, D, D_PAD).to(dtype)
         v = tl.load(V + offs, mask=mask, other=0.)
         do = tl.load(DO + offs, mask=mask, other=0.).to(dtype)
+        ci, cj = _coords(t, slope, W, MODE)
 
-        s = _dot((q * qk_scale).to(dtype), tl.trans(k), IEEE) + _decay_bias(t, t, slope, IMG_W, DIST2D)
-        s = tl.where((g[:, None] == g[None, :]) & valid[None, :], s, float('-inf'))
-        p = tl.exp2(s - tl.maximum(tl.max(s, 1), -1.0e30)[:, None])
-        total = tl.sum(p, 1)
-        p = p / tl.where(total > 0, total, 1.)[:, None]
-        p_lo = p.to(dtype)
-        delta = tl.sum(do.to(tl.float32) * _dot(p_lo, v, IEEE), 1)
-        ds = (p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])).to(dtype)
-        dv = _dot(tl.trans(p_lo), do, IEEE)
-        dq = _rotate(_dot(ds, k, IEEE) * scale, cos, sin, BLOCK, D_PAD, True)
-        dk = _rotate(_dot(tl.trans(ds), q.to(dtype), IEEE) * scale, cos, sin, BLOCK, D_PAD, True)
+        s = _dot((q * qk_scale).to(dtype), tl.trans(k), IEEE) + _bias(ci, cj, ci, cj, MODE)
+        if PACK > 1 or L < BLOCK:
+            s = tl.where(seg[:, None] == seg[None, :], s, float('-inf'))
+        p = tl.exp2(s - tl.max(s, 1)[:, None])
+        p = p / tl.sum(p, 1)[:, None]
+        dv = _dot(tl.trans(p.to(dtype)), do, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = (p * (dp - tl.sum(p * dp, 1)[:, None])).to(dtype)
+        dq = _rotate_back(_dot(ds, k, IEEE) * scale, ROT, pos, mask, BLOCK, D, D_PAD)
+        dk = _rotate_back(_dot(tl.trans(ds), q.to(dtype), IEEE) * scale, ROT, pos, mask, BLOCK, D, D_PAD)
         if ACCUMULATE:
             dq += tl.load(DQ + offs, mask=mask, other=0.).to(tl.float32)
             dk += tl.load(DK + offs, mask=mask, other=0.).to(tl.float32)
@@ -219,92 +357,101 @@ if triton is not None:
         tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _key_block(K, V, ROT, q, lse, t_q, start, seq, slope, L, SEQS, N_INNER, HW, C, head, D, IMG_W, SEQ_POS,
-                   TOK_POS, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DIST2D: tl.constexpr, IEEE: tl.constexpr):
-        """Rotated keys, values and softmax probabilities (from the saved log-sum-exp) of the key block at
-        ``start`` of a long sequence, for scaled queries ``q``."""
-        valid_k, g_k, t_k, pos_k, row_k = _tokens(
-            start + tl.arange(0, BLOCK_N), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
-        offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-        cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
-        k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(q.dtype)
-        v = tl.load(V + offs_k, mask=mask_k, other=0.)
-        s = _dot(q, tl.trans(k), IEEE) + _decay_bias(t_q, t_k, slope, IMG_W, DIST2D)
-        return k, v, tl.exp2(tl.where(valid_k[None, :], s, float('-inf')) - lse[:, None])
-
-    @triton.jit
     def _bwd_dq_kernel(
-            Q, K, V, DO, DQ, LSE, DELTA, ROT, DECAY,
-            L, SEQS, N_INNER, HW, C, NUM_HEADS, D, IMG_W, SEQ_POS, TOK_POS, M_BLOCKS, qk_scale, scale,
-            D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST2D: tl.constexpr,
-            ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+            Q, K, V, O, RES, DO, DQ, LSE, DELTA, ROT, DECAY, SEQS, qk_scale, scale,
+            H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, NUM_HEADS: tl.constexpr, D: tl.constexpr,
+            D_PAD: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            MODE: tl.constexpr, HAS_RES: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+            INT64: tl.constexpr,
     ):
-        """dq of one query block of a long sequence. A first sweep over the keys rebuilds the block's
-        output for the row sums of dO * O (stored for the dk/dv kernel), a second accumulates dq."""
-        head, m_block, seq, slope = _program(DECAY, NUM_HEADS, M_BLOCKS)
+        """dq of one query block of a long sequence, in one sweep over the keys. First stores
+        ``delta = rowsum(dO * O)`` for the dk/dv kernel, O being the pass's output minus what it added."""
+        M_BLOCKS: tl.constexpr = (L + BLOCK_M - 1) // BLOCK_M
+        head = tl.program_id(0) % NUM_HEADS
+        m_block = (tl.program_id(0) // NUM_HEADS) % M_BLOCKS
+        seq = tl.program_id(0) // (NUM_HEADS * M_BLOCKS)
+        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
         dtype = V.dtype.element_ty
 
-        valid_q, g_q, t_q, pos_q, row_q = _tokens(
-            m_block * BLOCK_M + tl.arange(0, BLOCK_M), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
-        offs_q, mask_q = _offsets(row_q, valid_q, C, head, D, D_PAD)
-        cos_q, sin_q = _rotation(ROT, pos_q, valid_q, D, D_PAD)
-        q = (_load_rotated(Q, offs_q, mask_q, cos_q, sin_q, BLOCK_M, D_PAD) * qk_scale).to(dtype)
-        do = tl.load(DO + offs_q, mask=mask_q, other=0.).to(dtype)
-        lse = tl.load(LSE + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
-
-        out = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        for start in range(0, L, BLOCK_N):
-            k, v, p = _key_block(K, V, ROT, q, lse, t_q, start, seq, slope, L, SEQS, N_INNER, HW, C, head, D, IMG_W,
-                                 SEQ_POS, TOK_POS, D_PAD, BLOCK_N, DIST2D, IEEE)
-            out += _dot(p.to(dtype), v, IEEE)
-        delta = tl.sum(do.to(tl.float32) * out, 1)
+        t_q = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid_q = (t_q < L) & (seq < SEQS)
+        pos_q, row_q = _tokens(seq, t_q, valid_q, H, W, MODE, INT64)
+        offs_q, mask_q = _offsets(row_q, valid_q, head, C, D, D_PAD)
+        q = (_load_rotated(Q, offs_q, mask_q, ROT, pos_q, BLOCK_M, D, D_PAD) * qk_scale).to(dtype)
+        do = tl.load(DO + offs_q, mask=mask_q, other=0.)
+        o = tl.load(O + offs_q, mask=mask_q, other=0.).to(tl.float32)
+        if HAS_RES:
+            o -= tl.load(RES + offs_q, mask=mask_q, other=0.).to(tl.float32)
+        delta = tl.sum(do.to(tl.float32) * o, 1)
         tl.store(DELTA + row_q * NUM_HEADS + head, delta, mask=valid_q)
+        do = do.to(dtype)
+        lse = tl.load(LSE + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
+        ci_q, cj_q = _coords(t_q, slope, W, MODE)
 
         dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         for start in range(0, L, BLOCK_N):
-            k, v, p = _key_block(K, V, ROT, q, lse, t_q, start, seq, slope, L, SEQS, N_INNER, HW, C, head, D, IMG_W,
-                                 SEQ_POS, TOK_POS, D_PAD, BLOCK_N, DIST2D, IEEE)
+            t_k = start + tl.arange(0, BLOCK_N)
+            valid_k = t_k < L
+            pos_k, row_k = _tokens(seq, t_k, valid_k, H, W, MODE, INT64)
+            offs_k, mask_k = _offsets(row_k, valid_k, head, C, D, D_PAD)
+            k = _load_rotated(K, offs_k, mask_k, ROT, pos_k, BLOCK_N, D, D_PAD).to(dtype)
+            v = tl.load(V + offs_k, mask=mask_k, other=0.)
+            ci_k, cj_k = _coords(t_k, slope, W, MODE)
+            s = _dot(q, tl.trans(k), IEEE) + _bias(ci_q, cj_q, ci_k, cj_k, MODE)
+            if L % BLOCK_N != 0:
+                s = tl.where(valid_k[None, :], s, float('-inf'))
+            p = tl.exp2(s - lse[:, None])
             ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dq += _dot(ds.to(dtype), k, IEEE)
-        dq = _rotate(dq * scale, cos_q, sin_q, BLOCK_M, D_PAD, True)
+        dq = _rotate_back(dq * scale, ROT, pos_q, mask_q, BLOCK_M, D, D_PAD)
         if ACCUMULATE:
             dq += tl.load(DQ + offs_q, mask=mask_q, other=0.).to(tl.float32)
         tl.store(DQ + offs_q, dq.to(DQ.dtype.element_ty), mask=mask_q)
 
     @triton.jit
     def _bwd_dkdv_kernel(
-            Q, K, V, DO, DK, DV, LSE, DELTA, ROT, DECAY,
-            L, SEQS, N_INNER, HW, C, NUM_HEADS, D, IMG_W, SEQ_POS, TOK_POS, N_BLOCKS, qk_scale, scale,
-            D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST2D: tl.constexpr,
-            ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+            Q, K, V, DO, DK, DV, LSE, DELTA, ROT, DECAY, SEQS, qk_scale, scale,
+            H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, NUM_HEADS: tl.constexpr, D: tl.constexpr,
+            D_PAD: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            MODE: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, INT64: tl.constexpr,
     ):
-        """dk and dv of one key block of a long sequence, sweeping over the query blocks."""
-        head, n_block, seq, slope = _program(DECAY, NUM_HEADS, N_BLOCKS)
+        """dk and dv of one key block of a long sequence, in one sweep over the query blocks."""
+        N_BLOCKS: tl.constexpr = (L + BLOCK_N - 1) // BLOCK_N
+        head = tl.program_id(0) % NUM_HEADS
+        n_block = (tl.program_id(0) // NUM_HEADS) % N_BLOCKS
+        seq = tl.program_id(0) // (NUM_HEADS * N_BLOCKS)
+        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
         dtype = V.dtype.element_ty
 
-        valid_k, g_k, t_k, pos_k, row_k = _tokens(
-            n_block * BLOCK_N + tl.arange(0, BLOCK_N), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
-        offs_k, mask_k = _offsets(row_k, valid_k, C, head, D, D_PAD)
-        cos_k, sin_k = _rotation(ROT, pos_k, valid_k, D, D_PAD)
-        k = _load_rotated(K, offs_k, mask_k, cos_k, sin_k, BLOCK_N, D_PAD).to(dtype)
+        t_k = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid_k = (t_k < L) & (seq < SEQS)
+        pos_k, row_k = _tokens(seq, t_k, valid_k, H, W, MODE, INT64)
+        offs_k, mask_k = _offsets(row_k, valid_k, head, C, D, D_PAD)
+        k = _load_rotated(K, offs_k, mask_k, ROT, pos_k, BLOCK_N, D, D_PAD)
+        k_scaled = (k * qk_scale).to(dtype)
         v = tl.load(V + offs_k, mask=mask_k, other=0.)
+        ci_k, cj_k = _coords(t_k, slope, W, MODE)
 
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for start in range(0, L, BLOCK_M):
-            valid_q, g_q, t_q, pos_q, row_q = _tokens(
-                start + tl.arange(0, BLOCK_M), seq, L, SEQS, 1, N_INNER, HW, SEQ_POS, TOK_POS)
-            offs_q, mask_q = _offsets(row_q, valid_q, C, head, D, D_PAD)
-            q = _load_rotated(Q, offs_q, mask_q, *_rotation(ROT, pos_q, valid_q, D, D_PAD), BLOCK_M, D_PAD)
+            t_q = start + tl.arange(0, BLOCK_M)
+            valid_q = t_q < L
+            pos_q, row_q = _tokens(seq, t_q, valid_q, H, W, MODE, INT64)
+            offs_q, mask_q = _offsets(row_q, valid_q, head, C, D, D_PAD)
+            q = _load_rotated(Q, offs_q, mask_q, ROT, pos_q, BLOCK_M, D, D_PAD).to(dtype)
             do = tl.load(DO + offs_q, mask=mask_q, other=0.).to(dtype)
             lse = tl.load(LSE + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
             delta = tl.load(DELTA + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
-            s_t = _dot(k, tl.trans((q * qk_scale).to(dtype)), IEEE) + _decay_bias(t_k, t_q, slope, IMG_W, DIST2D)
-            p_t = tl.exp2(tl.where(valid_q[None, :], s_t, float('-inf')) - lse[None, :])
+            ci_q, cj_q = _coords(t_q, slope, W, MODE)
+            s_t = _dot(k_scaled, tl.trans(q), IEEE) + _bias(ci_k, cj_k, ci_q, cj_q, MODE)
+            if L % BLOCK_M != 0:
+                s_t = tl.where(valid_q[None, :], s_t, float('-inf'))
+            p_t = tl.exp2(s_t - lse[None, :])
             dv += _dot(p_t.to(dtype), do, IEEE)
             ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-            dk += _dot(ds_t.to(dtype), q.to(dtype), IEEE)
-        dk = _rotate(dk * scale, cos_k, sin_k, BLOCK_N, D_PAD, True)
+            dk += _dot(ds_t.to(dtype), q, IEEE)
+        dk = _rotate_back(dk * scale, ROT, pos_k, mask_k, BLOCK_N, D, D_PAD)
         if ACCUMULATE:
             dk += tl.load(DK + offs_k, mask=mask_k, other=0.).to(tl.float32)
         tl.store(DK + offs_k, dk.to(DK.dtype.element_ty), mask=mask_k)
@@ -313,168 +460,142 @@ if triton is not None:
 
 # --- launches ----------------------------------------------------------------------------------------
 
-def _geometry(mode: str, B: int, H: int, W: int) -> Tuple[int, int, int, int, int, bool]:
-    """(sequence length, sequence count, sequences per image row of the index, raster stride between
-    sequences, raster stride between a sequence's tokens, Manhattan distance) of one pass."""
-    if mode == 'row':
-        return W, B * H, H, W, 1, False
-    if mode == 'col':
-        return H, B * W, W, 1, W, False
-    return H * W, B, 1, 0, 1, True
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **constexprs)``."""
+    kernel: Any
+    grid: Tuple[int]
+    args: Tuple[Any, ...]
+    constexprs: Dict[str, Any]
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs)
 
 
-def _looped(length: int) -> bool:
-    return length > TILE
+def pass_modes(decomposed: bool) -> Tuple[str, ...]:
+    """The passes of one MaSA call, in order."""
+    return ('rows', 'cols') if decomposed else ('full',)
 
 
-def _common(q: torch.Tensor, num_heads: int, mode: str):
+def _length(mode: str, H: int, W: int) -> int:
+    return W if mode == 'rows' else H if mode == 'cols' else H * W
+
+
+def _sequences(mode: str, B: int, H: int, W: int) -> int:
+    return B * H if mode == 'rows' else B * W if mode == 'cols' else B
+
+
+def looped(mode: str, H: int, W: int, config: KernelConfig) -> bool:
+    """Whether a pass's sequences are longer than a tile (the looped kernels, which keep statistics)."""
+    return _length(mode, H, W) > config.tile
+
+
+def _shape(q: torch.Tensor, num_heads: int, mode: str, ieee: bool) -> Dict[str, Any]:
     B, H, W, C = q.shape
     D = C // num_heads
-    L, seqs, n_inner, seq_pos, tok_pos, dist2d = _geometry(mode, B, H, W)
-    return dict(L=L, SEQS=seqs, N_INNER=n_inner, HW=H * W, C=C, NUM_HEADS=num_heads, D=D, IMG_W=W,
-                SEQ_POS=seq_pos, TOK_POS=tok_pos), dict(D_PAD=max(16, triton.next_power_of_2(D)), DIST2D=dist2d,
-                                                         IEEE=q.dtype == torch.float32)
+    return dict(H=H, W=W, C=C, NUM_HEADS=num_heads, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
+                L=_length(mode, H, W), MODE=_MODES[mode], IEEE=ieee, INT64=q.numel() >= 2 ** 31)
 
 
-def _packing(length: int, seqs: int) -> Tuple[int, int]:
-    """(sequences per program, tile size) for sequences of at most TILE tokens."""
-    pack = max(1, min(TILE // length, seqs))
+def _packing(length: int, seqs: int, config: KernelConfig) -> Tuple[int, int]:
+    """(sequences per tile, tile size) for sequences of at most ``config.tile`` tokens."""
+    pack = max(1, min(config.tile // length, seqs))
     return pack, max(16, triton.next_power_of_2(pack * length))
 
 
-def _forward_pass(q, k, v, res, out, lse, rotation, decay, scale, num_heads, mode):
-    args, consts = _common(q, num_heads, mode)
-    L, seqs = args['L'], args['SEQS']
-    single = not _looped(L)
-    if single:
-        pack, block_m = _packing(L, seqs)
-        block_n = block_m
-    else:
-        pack, block_m, block_n = 1, BLOCK_M, BLOCK_N
-    m_blocks = triton.cdiv(pack * L, block_m)
-    grid = (num_heads * m_blocks * triton.cdiv(seqs, pack),)
-    _fwd_kernel[grid](
-        q, k, v, out if res is None else res, out, out if lse is None else lse, rotation, decay,
-        PACK=pack, M_BLOCKS=m_blocks, qk_scale=scale * _LOG2E, BLOCK_M=block_m, BLOCK_N=block_n,
-        SINGLE=single, HAS_RES=res is not None, STORE_LSE=lse is not None, num_warps=NUM_WARPS, **args, **consts)
-
-
-def _backward_pass(q, k, v, do, dq, dk, dv, lse, rotation, decay, scale, num_heads, mode, accumulate):
-    args, consts = _common(q, num_heads, mode)
-    L, seqs = args['L'], args['SEQS']
-    if not _looped(L):
-        pack, block = _packing(L, seqs)
-        _bwd_tile_kernel[(num_heads * triton.cdiv(seqs, pack),)](
-            q, k, v, do, dq, dk, dv, rotation, decay, PACK=pack, qk_scale=scale * _LOG2E, scale=scale,
-            BLOCK=block, ACCUMULATE=accumulate, num_warps=NUM_WARPS, **args, **consts)
-        return
-    if lse is None or lse.numel() == 0:
-        raise RuntimeError('rmt::masa backward: the forward pass ran without keeping its softmax statistics')
-    delta = torch.empty_like(lse)
-    m_blocks, n_blocks = triton.cdiv(L, BLOCK_M), triton.cdiv(L, BLOCK_N)
-    common = dict(qk_scale=scale * _LOG2E, scale=scale, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ACCUMULATE=accumulate,
-                  num_warps=NUM_WARPS, **args, **consts)
-    _bwd_dq_kernel[(num_heads * m_blocks * seqs,)](
-        q, k, v, do, dq, lse, delta, rotation, decay, M_BLOCKS=m_blocks, **common)
-    _bwd_dkdv_kernel[(num_heads * n_blocks * seqs,)](
-        q, k, v, do, dk, dv, lse, delta, rotation, decay, N_BLOCKS=n_blocks, **common)
-
-
-def _stats_shape(q: torch.Tensor, num_heads: int, decomposed: bool, keep_stats: bool):
+def forward_pass(q, k, v, res, out, lse, rotation, decay, scale: float, num_heads: int, mode: str, ieee: bool,
+                 config: KernelConfig) -> Launch:
+    """The launch that writes ``out = attention(q, k, v) (+ res)`` along ``mode``, and ``lse`` when given."""
     B, H, W, _ = q.shape
-    looped = _looped(max(H, W)) if decomposed else _looped(H * W)
-    if not (keep_stats and looped):
-        return (0,)
-    return (2 if decomposed else 1, B * H * W, num_heads)
+    shape = _shape(q, num_heads, mode, ieee)
+    seqs = _sequences(mode, B, H, W)
+    args = (q, k, v, out if res is None else res, out)
+    if not looped(mode, H, W, config):
+        pack, block = _packing(shape['L'], seqs, config)
+        return Launch(_fwd_tile_kernel, (num_heads * triton.cdiv(seqs, pack),),
+                      args + (rotation, decay, seqs, scale * _LOG2E),
+                      dict(shape, PACK=pack, BLOCK=block, HAS_RES=res is not None, num_warps=config.num_warps))
+    m_blocks = triton.cdiv(shape['L'], config.block_m)
+    return Launch(_fwd_loop_kernel, (num_heads * m_blocks * seqs,),
+                  args + (out if lse is None else lse, rotation, decay, seqs, scale * _LOG2E),
+                  dict(shape, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_RES=res is not None,
+                       STORE_LSE=lse is not None, num_warps=config.num_warps, num_stages=config.num_stages))
 
 
-def _row_pass(q, k, v, stats, rotation, decay, scale, num_heads):
-    """The first pass of decomposed MaSA, attention along every row, into a new tensor."""
-    rows = torch.empty_like(q)
-    _forward_pass(q, k, v, None, rows, stats if _looped(q.shape[2]) else None, rotation, decay, scale, num_heads,
-                  'row')
-    return rows
+def backward_pass(q, k, v, o, res, do, dq, dk, dv, lse, delta, rotation, decay, scale: float, num_heads: int,
+                  mode: str, accumulate: bool, ieee: bool, config: KernelConfig) -> List[Launch]:
+    """The launches that write the gradients of q, k (added to ``dq``, ``dk`` if ``accumulate``) and v of a
+    pass from ``do``; looped passes read the pass's output ``o`` (minus ``res``), ``lse`` and fill ``delta``."""
+    B, H, W, _ = q.shape
+    shape = _shape(q, num_heads, mode, ieee)
+    seqs = _sequences(mode, B, H, W)
+    scales = (scale * _LOG2E, scale)
+    if not looped(mode, H, W, config):
+        pack, block = _packing(shape['L'], seqs, config)
+        return [Launch(_bwd_tile_kernel, (num_heads * triton.cdiv(seqs, pack),),
+                       (q, k, v, do, dq, dk, dv, rotation, decay, seqs) + scales,
+                       dict(shape, PACK=pack, BLOCK=block, ACCUMULATE=accumulate, num_warps=config.bwd_warps))]
+    blocks = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, ACCUMULATE=accumulate, num_warps=config.bwd_warps,
+                  num_stages=config.num_stages)
+    m_blocks, n_blocks = triton.cdiv(shape['L'], config.block_m), triton.cdiv(shape['L'], config.block_n)
+    return [
+        Launch(_bwd_dq_kernel, (num_heads * m_blocks * seqs,),
+               (q, k, v, o, o if res is None else res, do, dq, lse, delta, rotation, decay, seqs) + scales,
+               dict(shape, HAS_RES=res is not None, **blocks)),
+        Launch(_bwd_dkdv_kernel, (num_heads * n_blocks * seqs,),
+               (q, k, v, do, dk, dv, lse, delta, rotation, decay, seqs) + scales, dict(shape, **blocks)),
+    ]
 
 
-@torch.library.custom_op('rmt::masa', mutates_args=())
-def _masa(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: torch.Tensor, rotation: torch.Tensor,
-        decay: torch.Tensor, scale: float, num_heads: int, decomposed: bool, keep_stats: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(attention + lce, the log-sum-exp of looped passes when ``keep_stats``)."""
-    if triton is None:
-        raise RuntimeError('rmt::masa needs Triton, which this torch build does not include')
-    out = torch.empty_like(q)
-    lse = q.new_empty(_stats_shape(q, num_heads, decomposed, keep_stats), dtype=torch.float32)
-    stats = [None, None] if lse.numel() == 0 else [lse[0], lse[-1]]
-    if decomposed:
-        rows = _row_pass(q, k, v, stats[0], rotation, decay, scale, num_heads)
-        _forward_pass(q, k, rows, lce, out, stats[1] if _looped(q.shape[1]) else None, rotation, decay, scale,
-                      num_heads, 'col')
-    else:
-        _forward_pass(q, k, v, lce, out, stats[0], rotation, decay, scale, num_heads, 'full')
-    return out, lse
+def stats_shapes(q: torch.Tensor, num_heads: int, decomposed: bool, keep_stats: bool,
+                 config: KernelConfig) -> List[Tuple[int, ...]]:
+    """Shapes of the log-sum-exp planes a forward keeps, one per pass: (B * H * W, heads) for looped passes
+    when ``keep_stats``, else (0,)."""
+    B, H, W, _ = q.shape
+    return [(B * H * W, num_heads) if keep_stats and looped(mode, H, W, config) else (0,)
+            for mode in pass_modes(decomposed)]
 
 
-@_masa.register_fake
-def _(q, k, v, lce, rotation, decay, scale, num_heads, decomposed, keep_stats):
-    return torch.empty_like(q), q.new_empty(_stats_shape(q, num_heads, decomposed, keep_stats), dtype=torch.float32)
+def masa_forward(q, k, v, lce, rotation, decay, scale: float, num_heads: int, decomposed: bool, keep_stats: bool,
+                 ieee: bool, config: KernelConfig):
+    """Outputs and launches of MaSA's attention plus LCE on contiguous (B, H, W, C) q, k, v, lce, with the
+    stage's float32 (H, W, 1, D / 2, 2) rotation table of (cos, sin) pairs and its (heads,) decay rates.
 
-
-@torch.library.custom_op('rmt::masa_backward', mutates_args=())
-def _masa_backward(
-        grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-        rotation: torch.Tensor, decay: torch.Tensor, scale: float, num_heads: int, decomposed: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k and v (before the theta shift) from the gradient of the op's output."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    stats = [None, None] if lse.numel() == 0 else [lse[0], lse[-1]]
-    if decomposed:
-        rows = _row_pass(q, k, v, stats[0], rotation, decay, scale, num_heads)
-        d_rows = torch.empty_like(rows)
-        _backward_pass(q, k, rows, grad, dq, dk, d_rows, stats[1], rotation, decay, scale, num_heads, 'col', False)
-        _backward_pass(q, k, v, d_rows, dq, dk, dv, stats[0], rotation, decay, scale, num_heads, 'row', True)
-    else:
-        _backward_pass(q, k, v, grad, dq, dk, dv, stats[0], rotation, decay, scale, num_heads, 'full', False)
-    return dq, dk, dv
-
-
-@_masa_backward.register_fake
-def _(grad, q, k, v, lse, rotation, decay, scale, num_heads, decomposed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, _lce, rotation, decay, scale, num_heads, decomposed, _keep = inputs
-    _out, lse = output
-    ctx.save_for_backward(q, k, v, lse, rotation, decay)
-    ctx.config = (scale, num_heads, decomposed)
-
-
-def _backward(ctx, grad, _grad_lse):
-    dq = dk = dv = None
-    if any(ctx.needs_input_grad[:3]):
-        q, k, v, lse, rotation, decay = ctx.saved_tensors
-        dq, dk, dv = _masa_backward(grad.contiguous(), q, k, v, lse, rotation, decay, *ctx.config)
-    return dq, dk, dv, grad, None, None, None, None, None, None
-
-
-_masa.register_autograd(_backward, setup_context=_setup_context)
-
-
-def masa_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: torch.Tensor, rotation: torch.Tensor,
-        decay: torch.Tensor, scale: float, num_heads: int, decomposed: bool,
-) -> torch.Tensor:
-    """MaSA's attention plus LCE: ``lce + softmax(theta(q) theta(k)^T * scale + decay bias) v``.
-
-    q, k, v, lce: (B, H, W, C) projections, q and k before the theta shift; ``rotation``: the stage's
-    (cos, sin) pairs, float32 (H, W, 1, C / num_heads / 2, 2); ``decay``: per-head log decay (num_heads,).
-    Decomposed: along rows, then columns of the row result; else full attention over all H * W tokens.
+    Returns ``(out, stats, launches)``: ``out`` (B, H, W, C) and the log-sum-exp planes of
+    :func:`stats_shapes` are allocated, not yet written; running the launches in order writes them.
     """
-    keep_stats = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    lce = lce.to(q.dtype)
-    out, _ = _masa(q.contiguous(), k.contiguous(), v.contiguous(), lce.contiguous(),
-                      rotation.contiguous(), decay.contiguous(), float(scale), int(num_heads), bool(decomposed),
-                      keep_stats)
-    return out
+    out = torch.empty_like(q)
+    stats = [torch.zeros(shape, device=q.device, dtype=torch.float32)
+             for shape in stats_shapes(q, num_heads, decomposed, keep_stats, config)]
+    common = (rotation, decay, scale, num_heads)
+    if not decomposed:
+        return out, stats, [forward_pass(q, k, v, lce, out, _plane(stats[0]), *common, 'full', ieee, config)]
+    rows = torch.empty_like(q)
+    return out, stats, [forward_pass(q, k, v, None, rows, _plane(stats[0]), *common, 'rows', ieee, config),
+                        forward_pass(q, k, rows, lce, out, _plane(stats[1]), *common, 'cols', ieee, config)]
+
+
+def masa_backward(grad, q, k, v, out, lce, stats, rotation, decay, scale: float, num_heads: int, decomposed: bool,
+                  ieee: bool, config: KernelConfig):
+    """Gradients and launches of MaSA's attention for the output gradient ``grad`` (B, H, W, C).
+
+    ``out`` and ``lce`` are the forward's output and LCE input (read by looped last passes for
+    ``delta``), ``stats`` its log-sum-exp planes. Returns ``(dq, dk, dv, launches)``; q and k
+    gradients are with respect to the inputs before the theta shift.
+    """
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (rotation, decay, scale, num_heads)
+    deltas = [torch.empty_like(s) for s in stats]
+    if not decomposed:
+        return dq, dk, dv, backward_pass(q, k, v, out, lce, grad, dq, dk, dv, stats[0], deltas[0], *common, 'full',
+                                         False, ieee, config)
+    rows, d_rows = torch.empty_like(q), torch.empty_like(q)
+    launches = [forward_pass(q, k, v, None, rows, None, *common, 'rows', ieee, config)]
+    launches += backward_pass(q, k, rows, out, lce, grad, dq, dk, d_rows, stats[1], deltas[1], *common, 'cols',
+                              False, ieee, config)
+    launches += backward_pass(q, k, v, rows, None, d_rows, dq, dk, dv, stats[0], deltas[0], *common, 'rows',
+                              True, ieee, config)
+    return dq, dk, dv, launches
+
+
+def _plane(stats: torch.Tensor) -> Optional[torch.Tensor]:
+    return stats if stats.numel() > 0 else None

@@ -14,6 +14,7 @@ they return what the token-labeling loss needs instead. Checkpoint files are rea
 
     model = timm.create_model('rmt_s', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth'))
 """
+import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,11 +24,11 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    SelectAdaptivePool2d, calculate_drop_path_rates, get_device_dtype, register_notrace_function, trunc_normal_,
+    SelectAdaptivePool2d, calculate_drop_path_rates, get_device_dtype, trunc_normal_,
     use_fused_attn)
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint
+from timm.models import checkpoint as grad_checkpoint
 
 from .attention import ATTN_IMPLS
 from .blocks import RMTStage, Stem
@@ -37,7 +38,6 @@ from .mixtoken import TokenLabelOutput, mix_tokens, sample_mixtoken_box, unmix_t
 __all__ = ['RMT', 'RMTHead', 'MODEL_ARGS']
 
 
-@register_notrace_function
 def check_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise ``ValueError`` unless ``x`` is a floating-point image batch (B, in_chans, H, W)."""
     if x.dim() != 4 or (not torch.jit.is_tracing() and x.shape[1] != in_chans):  # traced: no Python bool
@@ -45,6 +45,9 @@ def check_input(x: torch.Tensor, in_chans: int) -> None:
     if not x.is_floating_point():
         raise ValueError('RMT expects floating-point images, normalised with the pretrained_cfg mean and std, '
                          'got {}: convert with x.float() / 255 and normalise'.format(x.dtype))
+
+
+torch.fx.wrap('check_input')  # FX graphs check their input when they run
 
 
 @contextmanager
@@ -67,7 +70,7 @@ def _frozen_batchnorm_stats(module: nn.Module):
 
 
 def _checkpointed_stem(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return checkpoint(stem, x, context_fn=lambda: (nullcontext(), _frozen_batchnorm_stats(stem)))
+    return grad_checkpoint(stem, x, context_fn=lambda: (nullcontext(), _frozen_batchnorm_stats(stem)))
 
 
 class RMTHead(nn.Module):
@@ -139,7 +142,8 @@ class RMT(nn.Module):
             taken, as the paper's detection and segmentation backbones do.
         drop_rate, drop_path_rate: classifier dropout, stochastic depth (linear over blocks).
         attn_impl: attention path, one of ``rmt.ATTN_IMPLS`` ('auto' picks by device and size, or
-            'reference' when timm's ``use_fused_attn()`` is off, as under ``exportable=True``).
+            'reference' when timm's ``use_fused_attn()`` is off, as under ``exportable=True``; the
+            ``RMT_ATTN_IMPL`` environment variable overrides 'auto', see :meth:`set_attn_impl`).
         device, dtype: where and in which dtype to create the parameters.
         init_values: the former name of ``decay_exponents``, still accepted with a warning.
     """
@@ -236,9 +240,20 @@ class RMT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def set_attn_impl(self, impl: str = 'auto') -> None:
-        """Choose the attention path of every stage: one of ``rmt.ATTN_IMPLS``."""
+        """Choose the attention path of every stage: one of ``rmt.ATTN_IMPLS`` (see :mod:`rmt.attention`).
+
+        'auto' takes the ``RMT_ATTN_IMPL`` environment variable when it is set, so a path can be forced
+        without code changes (``RMT_ATTN_IMPL=sdpa python scripts/train.py ...``). Raises ``ValueError``
+        for an unknown path, naming where it came from.
+        """
+        source = 'attention implementation'
+        if impl == 'auto' and os.environ.get('RMT_ATTN_IMPL'):
+            impl, source = os.environ['RMT_ATTN_IMPL'], 'RMT_ATTN_IMPL'
+        if impl == 'flex':  # removed: 'auto' never chose it (kept for one release, see the README's changelog)
+            warnings.warn("attn_impl 'flex' was removed; using 'auto'", FutureWarning, stacklevel=2)
+            impl = 'auto'
         if impl not in ATTN_IMPLS:
-            raise ValueError(f'unknown attention implementation {impl!r}, expected one of {ATTN_IMPLS}')
+            raise ValueError(f'unknown {source} {impl!r}, expected one of {ATTN_IMPLS}')
         for stage in self.stages:
             stage.attn_impl = impl
 

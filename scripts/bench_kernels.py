@@ -4,41 +4,80 @@
     python scripts/bench_kernels.py --model rmt_s -b 128 --dtype bfloat16
     python scripts/bench_kernels.py --model rmt_t --img-size 1536 -b 1 --sweep
 
-Times, for every stage, the step from MaSA's raw projections (q, k, v and the LCE output) to the
-tensor ``proj`` reads: the theta shift, the decayed attention and the LCE add. ``triton`` is the fused
-kernels; the other paths run the reference formula for the shift and their attention kernel. Forward
-alone and forward + backward, medians of CUDA-event timings (``triton.testing.do_bench``). The floor
-column is the time to move the op's inputs and output through memory once at the measured copy
-bandwidth; ``--sweep`` also times the kernels' tile, block and warp settings.
+Times, for every stage, MaSA's pipeline from its raw projections (q, k, v and the LCE output) to the
+tensor ``proj`` reads (:func:`rmt.attention.masa_attention`, what the model runs): the theta shift, the
+decayed attention and the LCE add, along each path asked for. Forward alone and forward + backward,
+medians of CUDA-event timings (``triton.testing.do_bench``) on a GPU, of wall-clock timings on the
+CPU. The floor column is the time to move the op's inputs and output through memory once at the
+measured copy bandwidth; ``--sweep`` also times the Triton kernels' tile, block and warp settings
+(:class:`rmt.kernels.KernelConfig`).
+
+A path that cannot run here ends the script with one line and exit code 2 (e.g. ``triton`` on a CPU
+without ``TRITON_INTERPRET=1``).
 """
 import argparse
 import itertools
+import math
 import statistics
+import sys
 import time
 
-import timm
 import torch
 
 from rmt import kernels
-from rmt.attention import decomposed_attention, full_attention
-from rmt.decay import theta_shift
+from rmt.attention import ATTN_IMPLS, AttentionPlan, kernel_failures, masa_attention
+from rmt.model import MODEL_ARGS
+from rmt.position import RelPos2d
+
+PATHS = [p for p in ATTN_IMPLS if p != 'auto']
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--model', default='rmt_s')
+    p.add_argument('--model', default='rmt_s', help=f'one of {", ".join(MODEL_ARGS)}')
     p.add_argument('-b', '--batch-size', type=int, default=128)
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16', 'float16'])
-    p.add_argument('--paths', default='triton,sdpa,reference')
+    p.add_argument('--paths', default='triton,sdpa,reference', help=f'comma-separated, from {", ".join(PATHS)}')
     p.add_argument('--sweep', action='store_true', help='also time the Triton tile/block/warp settings')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     return p.parse_args(argv)
 
 
-def bench(fn, device: str) -> float:
+def fail(message: str) -> None:
+    print(f'bench_kernels.py: error: {message}', file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_args(args):
+    """One line and exit 2 for what cannot run as asked."""
+    if args.model not in MODEL_ARGS:
+        fail(f'--model {args.model!r}: unknown model, expected one of {", ".join(MODEL_ARGS)}')
+    for name in ('batch_size', 'img_size'):
+        if getattr(args, name) < 1:
+            fail(f'--{name.replace("_", "-")} {getattr(args, name)}: must be a positive integer')
+    paths = [p for p in args.paths.split(',') if p]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        fail(f'--paths {args.paths!r}: unknown path(s) {unknown}, expected some of {", ".join(PATHS)}')
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f'--device {args.device!r}: {str(e).splitlines()[0]}')
+    dtype = getattr(torch, args.dtype)
+    if 'triton' in paths or args.sweep:
+        heads = MODEL_ARGS[args.model]
+        for dim, n in zip(heads['embed_dims'], heads['num_heads']):
+            reason = kernels.unsupported_reason(device, dtype, dim // n)
+            if reason:
+                fail(f'the triton path cannot run on {args.device} in {args.dtype}: {reason}')
+    return paths, device, dtype
+
+
+def bench(fn, device: torch.device) -> float:
     """Median milliseconds of ``fn``."""
-    if device.startswith('cuda'):
+    if device.type == 'cuda':
         import triton
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode='median')
     fn()
@@ -50,109 +89,106 @@ def bench(fn, device: str) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(device: str) -> float:
+def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a large device copy, counting bytes read and written."""
     x = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     return 2 * x.numel() / (bench(lambda: y.copy_(x), device) / 1000)
 
 
-def masa_step(path: str, stage, tables, q, k, v, lce):
-    """MaSA from the raw projections to ``proj``'s input along ``path``."""
-    attn = stage.blocks[0].attn
-    if path == 'triton':
-        return kernels.masa_attention(q, k, v, lce, tables.rotation, tables.decay, attn.scale, attn.num_heads,
-                                      attn.decomposed)
-    B, H, W, C = q.shape
-    shape = (B, H, W, attn.num_heads, attn.head_dim)
-    qr, kr = theta_shift(q.view(shape), tables), theta_shift(k.view(shape), tables)
-    attend = decomposed_attention if attn.decomposed else full_attention
-    return lce.view(shape).add(attend(qr, kr, v.view(shape), tables, attn.scale, path)).flatten(-2)
+def stage_shapes(model: str, size: int):
+    """(stage, H, W, C, heads, decomposed, decay settings) of every stage of ``model`` at ``size`` px."""
+    args = MODEL_ARGS[model]
+    side = math.ceil(math.ceil(size / 2) / 2)
+    for i, (dim, n, decomposed, heads_range) in enumerate(
+            zip(args['embed_dims'], args['num_heads'], args['decomposed'], args['heads_ranges'])):
+        side = math.ceil(side / 2) if i else side
+        yield i + 1, side, side, dim, n, decomposed, RelPos2d(dim, n, 2, heads_range)
 
 
-def stage_inputs(model, args):
-    """(stage, H, W, C) of every stage at the run's image size."""
-    size = args.img_size // 4
-    out = []
-    for stage in model.stages:
-        if not isinstance(stage.downsample, torch.nn.Identity):
-            size = (size + 1) // 2
-        out.append((stage, size, size, stage.blocks[0].attn.q.in_features))
-    return out
+def timed(path, q, k, v, lce, grad, relpos, n, decomposed, device, config=None):
+    """(forward ms, forward + backward ms) of the MaSA pipeline along ``path``."""
+    H, W = q.shape[1:3]
+    plan = AttentionPlan(path, torch.float32 if path == 'triton' else q.dtype, not decomposed and path != 'blocked'
+                         and path != 'triton')
+    tables = relpos.build(H, W, q.device, plan.table_dtype, plan.needs_2d_bias)
+
+    def step():
+        return masa_attention(q, k, v, lce * 1, tables, plan, n, decomposed, config)
+
+    def fwd():
+        with torch.no_grad():
+            step()
+
+    def fwd_bwd():
+        torch.autograd.grad(step(), (q, k, v, lce), grad)
+    failures = len(kernel_failures())
+    times = bench(fwd, device), bench(fwd_bwd, device)
+    if len(kernel_failures()) > failures:  # the op fell back to sdpa: these are not the kernels' times
+        raise RuntimeError(list(kernel_failures().values())[-1])
+    return times
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    model = timm.create_model(args.model).to(args.device)
-    bandwidth = copy_bandwidth(args.device)
-    print(f'{args.model} at {args.img_size} px, batch {args.batch_size}, {args.dtype}, device {args.device}'
-          f'{" (" + torch.cuda.get_device_name() + ")" if args.device.startswith("cuda") else ""}; '
+    paths, device, dtype = check_args(args)
+    bandwidth = copy_bandwidth(device)
+    name = f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''
+    print(f'{args.model} at {args.img_size} px, batch {args.batch_size}, {args.dtype}, device {device}{name}; '
           f'copy bandwidth {bandwidth / 1e12:.2f} TB/s')
     print('\n| stage | tokens | form | path | fwd ms | fwd+bwd ms | fwd floor ms | fwd vs sdpa |')
     print('|---|---|---|---|---|---|---|---|')
     sweep_rows = []
-    for i, (stage, H, W, C) in enumerate(stage_inputs(model, args)):
-        g = torch.Generator(device=args.device).manual_seed(i)
-        q, k, v, lce = [torch.randn(args.batch_size, H, W, C, device=args.device, generator=g).to(dtype)
-                        .requires_grad_() for _ in range(4)]
+    for stage, H, W, C, n, decomposed, relpos in stage_shapes(args.model, args.img_size):
+        g = torch.Generator(device=device).manual_seed(stage)
+        q, k, v, lce = [torch.randn(args.batch_size, H, W, C, device=device, generator=g).to(dtype).requires_grad_()
+                        for _ in range(4)]
         grad = torch.randn_like(q)
-        form = 'decomposed' if stage.decomposed else 'full'
+        form = 'decomposed' if decomposed else 'full'
         floor = 5 * q.numel() * q.element_size() / bandwidth * 1000
         times = {}
-        for path in args.paths.split(','):
-            table_dtype = torch.float32 if path == 'triton' else dtype
-            tables = stage.decay.build(H, W, q.device, table_dtype, path != 'triton' and not stage.decomposed)
-
-            def fwd():
-                with torch.no_grad():
-                    masa_step(path, stage, tables, q, k, v, lce)
-
-            def fwd_bwd():
-                torch.autograd.grad(masa_step(path, stage, tables, q, k, v, lce), (q, k, v, lce), grad)
+        for path in paths:
             try:
-                times[path] = (bench(fwd, args.device), bench(fwd_bwd, args.device))
-            except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. a mask too large for the device
-                print(f'| {i + 1} | {H}x{W} | {form} | {path} | failed: {str(e).splitlines()[0][:80]} |')
+                times[path] = timed(path, q, k, v, lce, grad, relpos, n, decomposed, device)
+            except torch.OutOfMemoryError:  # e.g. the 2-D bias of a large full-attention stage
+                print(f'| {stage} | {H}x{W} | {form} | {path} | out of memory |||')
+            except RuntimeError as e:  # a kernel failed and the op fell back (warned once)
+                print(f'| {stage} | {H}x{W} | {form} | {path} | failed: {str(e)[:80]} |||')
         for path, (fwd_ms, both_ms) in times.items():
             ratio = times['sdpa'][0] / fwd_ms if 'sdpa' in times else float('nan')
-            print(f'| {i + 1} | {H}x{W} | {form} | {path} | {fwd_ms:.3f} | {both_ms:.3f} | {floor:.3f} | '
+            print(f'| {stage} | {H}x{W} | {form} | {path} | {fwd_ms:.3f} | {both_ms:.3f} | {floor:.3f} | '
                   f'{ratio:.2f}x |', flush=True)
-        if args.sweep and 'triton' in args.paths:
-            sweep_rows += sweep(stage, H, W, q, k, v, lce, grad, args)
+        if args.sweep:
+            sweep_rows += sweep(q, k, v, lce, grad, relpos, n, decomposed, device)
     if sweep_rows:
         print('\n| stage | tile | block_m | block_n | warps | fwd ms | fwd+bwd ms |')
         print('|---|---|---|---|---|---|---|')
         for row in sweep_rows:
             print('| ' + ' | '.join(str(c) for c in row) + ' |')
+    return 0
 
 
-def sweep(stage, H, W, q, k, v, lce, grad, args):
-    """Times of the Triton path over its settings (module constants of rmt.kernels)."""
-    tables = stage.decay.build(H, W, q.device, torch.float32, False)
-    saved = kernels.TILE, kernels.BLOCK_M, kernels.BLOCK_N, kernels.NUM_WARPS
-    looped = (max(H, W) if stage.decomposed else H * W) > kernels.TILE
-    grid = itertools.product([64], [64, 128], [32, 64], [4, 8]) if looped else \
-        itertools.product([32, 64, 128], [64], [64], [2, 4, 8])
+def sweep(q, k, v, lce, grad, relpos, n, decomposed, device):
+    """Times of the Triton path over its settings, passed to the pipeline as a KernelConfig."""
+    H, W = q.shape[1:3]
+    default = kernels.default_config(q.shape[-1] // n, q.dtype, kernels.target_arch(q.device))
+    if kernels.looped('rows' if decomposed else 'full', H, W, default) or \
+            (decomposed and kernels.looped('cols', H, W, default)):
+        grid = [default._replace(block_m=m, block_n=nb, num_warps=w, bwd_warps=w)
+                for m, nb, w in itertools.product([64, 128], [32, 64], [4, 8])]
+    else:
+        grid = [default._replace(tile=t, num_warps=w) for t, w in itertools.product([32, 64, 128], [2, 4, 8])]
     rows = []
-    try:
-        for tile, block_m, block_n, warps in grid:
-            kernels.TILE, kernels.BLOCK_M, kernels.BLOCK_N, kernels.NUM_WARPS = tile, block_m, block_n, warps
-            try:
-                fwd = bench(lambda: masa_step('triton', stage, tables, q.detach(), k.detach(), v.detach(),
-                                              lce.detach()), args.device)
-                both = bench(lambda: torch.autograd.grad(masa_step('triton', stage, tables, q, k, v, lce),
-                                                         (q, k, v, lce), grad), args.device)
-            except Exception as e:  # noqa: BLE001 (a setting the compiler rejects, e.g. out of resources)
-                fwd = both = f'failed ({type(e).__name__})'
-            rows.append((f'{H}x{W}', tile, block_m, block_n, warps,
-                         f'{fwd:.3f}' if isinstance(fwd, float) else fwd,
-                         f'{both:.3f}' if isinstance(both, float) else both))
-            print(f'  sweep {rows[-1]}', flush=True)
-    finally:
-        kernels.TILE, kernels.BLOCK_M, kernels.BLOCK_N, kernels.NUM_WARPS = saved
+    for config in grid:
+        try:
+            fwd, both = [f'{t:.3f}' for t in timed('triton', q, k, v, lce, grad, relpos, n, decomposed, device,
+                                                   config)]
+        except Exception as e:  # noqa: BLE001 (a setting the compiler rejects, e.g. out of resources)
+            fwd = both = f'failed ({type(e).__name__})'
+        rows.append((f'{H}x{W}', config.tile, config.block_m, config.block_n, config.num_warps, fwd, both))
+        print(f'  sweep {rows[-1]}', flush=True)
     return rows
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -26,6 +26,16 @@ def small_model():
 
 
 @pytest.fixture
+def thresholds():
+    """Set the attention dispatch thresholds for one test, ``thresholds(block_bytes=1)``; the previous ones
+    come back after it."""
+    from rmt.attention import dispatch_thresholds, set_dispatch_thresholds
+    previous = dispatch_thresholds()
+    yield set_dispatch_thresholds
+    set_dispatch_thresholds(*previous)
+
+
+@pytest.fixture
 def one_thread():
     """In-process script runs use one thread like the scripts' subprocesses: fast on a small shared CPU."""
     threads = torch.get_num_threads()

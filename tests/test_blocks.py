@@ -1,8 +1,10 @@
-"""Building blocks: what the FFN keeps for backward and how LayerNorm behaves under autocast."""
+"""Building blocks: CPE, the FFN's GELU + conv and what it keeps for backward, LayerNorm under autocast."""
 import torch
 import torch.nn.functional as F
 
-from rmt.blocks import LayerNorm, ResidualDWConv, gelu_dwconv
+import pytest
+
+from rmt.blocks import CPE, AutocastLayerNorm, GeluDWConv, gelu_dwconv
 
 
 def test_gelu_dwconv_matches_gelu_then_conv_with_gradients():
@@ -20,7 +22,7 @@ def test_gelu_dwconv_matches_gelu_then_conv_with_gradients():
 
 
 def test_ffn_dwconv_keeps_its_input_not_the_gelu_output_for_backward():
-    conv = ResidualDWConv(16, gelu_first=True)
+    conv = GeluDWConv(16)
     x = torch.randn(2, 8, 8, 16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -29,8 +31,8 @@ def test_ffn_dwconv_keeps_its_input_not_the_gelu_output_for_backward():
     assert len(activations) == 1 and activations[0].data_ptr() == x.data_ptr()
 
 
-def test_gelu_first_dwconv_is_gelu_plus_its_depthwise_conv():
-    conv = ResidualDWConv(16, gelu_first=True)
+def test_ffn_conv_is_gelu_plus_its_depthwise_conv():
+    conv = GeluDWConv(16)
     x = torch.randn(2, 5, 6, 16)
     h = F.gelu(x)
     conv_h = F.conv2d(h.permute(0, 3, 1, 2), conv.conv.weight, conv.conv.bias, padding=1, groups=16)
@@ -41,7 +43,7 @@ def test_gelu_first_dwconv_is_gelu_plus_its_depthwise_conv():
 
 
 def test_layer_norm_under_autocast_reads_and_writes_the_autocast_dtype():
-    norm = LayerNorm(32, eps=1e-6)
+    norm = AutocastLayerNorm(32, eps=1e-6)
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(4, 32).bfloat16()
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -49,3 +51,27 @@ def test_layer_norm_under_autocast_reads_and_writes_the_autocast_dtype():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), F.layer_norm(x.float(), (32,), norm.weight, norm.bias, 1e-6),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_cpe_adds_its_depthwise_conv_to_the_input():
+    cpe = CPE(8)
+    x = torch.randn(2, 5, 6, 8)
+    conv = F.conv2d(x.permute(0, 3, 1, 2), cpe.conv.weight, cpe.conv.bias, padding=1, groups=8)
+    with torch.no_grad():
+        torch.testing.assert_close(cpe(x), x + conv.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_former_layer_norm_name_still_resolves_with_a_warning():
+    import rmt.blocks
+    with pytest.warns(FutureWarning, match='AutocastLayerNorm'):
+        assert rmt.blocks.LayerNorm is AutocastLayerNorm
+
+
+def test_traced_ffn_conv_takes_plain_ops_so_the_trace_saves_and_loads(tmp_path):
+    conv = GeluDWConv(16)
+    x = torch.randn(1, 5, 6, 16)
+    traced = torch.jit.trace(conv, x)  # gradients on: no Python autograd function in the graph
+    traced.save(str(tmp_path / 'ffn_conv.pt'))
+    loaded = torch.jit.load(str(tmp_path / 'ffn_conv.pt'))
+    y = torch.randn(2, 7, 3, 16)
+    torch.testing.assert_close(loaded(y), conv(y), rtol=1e-5, atol=1e-5)

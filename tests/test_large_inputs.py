@@ -4,20 +4,19 @@ import timm
 import torch
 
 import rmt  # noqa: F401
-from rmt.attention import full_attention, select_attn_impl
-from rmt.decay import SpatialDecay
+from rmt.attention import full_attention, plan_attention
+from rmt.position import RelPos2d
 
 
 def test_default_budget_sends_a_40x40_full_stage_to_the_blocked_path():
-    # RMT-T stage 3 at 640 px: 8 heads over 1600 tokens, an 82 MB mask
-    assert select_attn_impl('auto', False, 8, torch.empty(1, 40, 40, 256)) == 'blocked'
-    assert select_attn_impl('auto', False, 8, torch.empty(1, 14, 14, 256)) == 'sdpa'
+    # RMT-T stage 3 at 640 px: 8 heads over 1600 tokens, an 82 MB bias
+    assert plan_attention('auto', False, 8, torch.empty(1, 40, 40, 256)).impl == 'blocked'
+    assert plan_attention('auto', False, 8, torch.empty(1, 14, 14, 256)).impl == 'sdpa'
 
 
 def test_blocked_path_at_default_budget_matches_reference_over_1600_tokens():
     H = W = 40
-    decay = SpatialDecay(8 * 32, 8, 2, 6)
-    tables = decay.build(H, W, torch.device('cpu'), torch.float32, True)
+    tables = RelPos2d(8 * 32, 8, 2, 6).build(H, W, torch.device('cpu'), torch.float32, True)
     g = torch.Generator().manual_seed(0)
     q, k, v = [torch.randn(1, H, W, 8, 32, generator=g) for _ in range(3)]
     ref = full_attention(q, k, v, tables, 32 ** -0.5, 'reference')
@@ -32,14 +31,16 @@ def test_model_at_640px_on_the_automatic_path_matches_reference():
         fast = model.forward_intermediates(x, intermediates_only=True)
         model.set_attn_impl('reference')
         ref = model.forward_intermediates(x, intermediates_only=True)
+    assert len(fast) == len(ref) == 4
     for a, b in zip(fast, ref):
         assert (a - b).abs().max().item() < 1e-4
 
 
-def test_decomposed_stages_hold_no_2d_mask_at_detection_size():
+def test_decomposed_stages_hold_no_2d_bias_at_detection_size():
     model = timm.create_model('rmt_t', depths=(1, 1, 1, 1)).eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 512, 512))
-    for stage in model.stages[:2]:  # decomposed in RMT-T
-        assert all(t.mask_2d.numel() == 0 for t in stage.decay._cache.values())
-        assert all(t.mask_h.shape[-1] <= 128 for t in stage.decay._cache.values())
+    for stage, side in zip(model.stages[:2], (128, 64)):  # decomposed in RMT-T
+        tables = list(stage.relpos._cache.values())
+        assert len(tables) == 1
+        assert tables[0].bias_2d.numel() == 0 and tables[0].bias_h.shape == (stage.num_heads, side, side)

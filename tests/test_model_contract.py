@@ -14,7 +14,6 @@ import pytest
 import timm
 import torch
 from timm.models._manipulate import group_parameters
-from timm.models import get_notrace_functions, get_notrace_modules
 
 import rmt  # noqa: F401  (registers the models)
 from rmt.model import MODEL_ARGS
@@ -240,45 +239,79 @@ def test_pruned_model_keeps_its_tap_and_trains(index):
 
 
 @pytest.mark.parametrize('name', VARIANTS)
-def test_torchscript_matches_eager(name):
+def test_torchscript_saves_loads_and_matches_eager_at_another_size(name, tmp_path):
     model = real_model(name)
-    scripted = torch.jit.script(model)
-    x = torch.randn(1, 3, 64, 64)
+    torch.jit.script(model).save(str(tmp_path / 'scripted.pt'))
+    loaded = torch.jit.load(str(tmp_path / 'scripted.pt'))
+    x = torch.randn(2, 3, 96, 80)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
-
-
-def _fx(model, train=False):
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-    kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                  param_shapes_constant=True)
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
-                                    eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kwargs)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', VARIANTS)
-def test_fx_trace_matches_eager(name):
+def test_trace_with_gradients_on_saves_loads_and_matches_eager_at_another_size(name, tmp_path):
     model = real_model(name)
-    x = torch.randn(1, 3, 64, 64)
+    traced = torch.jit.trace(model, torch.randn(1, 3, 64, 64))  # autograd on, trace checked against eager
+    traced.save(str(tmp_path / 'traced.pt'))
+    loaded = torch.jit.load(str(tmp_path / 'traced.pt'))
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def _fx(model, train=False):
+    """torchvision's feature extractor as a user calls it: no tracer arguments."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    nodes = train_nodes if train else eval_nodes
+    return create_feature_extractor(model.train(train), return_nodes=[nodes[-1]])
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_torchvision_fx_extractor_matches_eager_at_another_size(name):
+    model = real_model(name)
+    x = torch.randn(1, 3, 96, 80)
     with torch.inference_mode():
         out = model(x)
-        fx_out = list(_fx(model)(x).values())[0]
-    torch.testing.assert_close(fx_out, out, rtol=1e-4, atol=1e-5)
+        fx_out = list(_fx(model)(x).values())
+    assert len(fx_out) == 1
+    torch.testing.assert_close(fx_out[0], out, rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_fx_extractor_takes_stage_outputs():
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = real_model('rmt_t')
+    extractor = create_feature_extractor(model, return_nodes={f'stages.{i}': f'stage{i}' for i in range(4)})
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        got = extractor(x)
+        want = model.forward_intermediates(x, intermediates_only=True, output_fmt='NHWC')
+    assert list(got) == ['stage0', 'stage1', 'stage2', 'stage3']
+    for a, b in zip(got.values(), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_fx_trace_trains_and_scripts():
-    model = timm.create_model('rmt_t', **small_kwargs(num_classes=42)).train()
+    model = timm.create_model('rmt_t', **small_kwargs(num_classes=42))
     traced = _fx(model, train=True)
     out = list(traced(torch.randn(2, 3, 64, 64)).values())[0]
     out.mean().backward()
-    assert out.shape == (2, 42) and not [n for n, p in traced.named_parameters() if p.grad is None]
-    scripted = torch.jit.script(_fx(model.eval()))
+    grads = {n: p.grad for n, p in traced.named_parameters()}
+    assert out.shape == (2, 42) and grads and all(g is not None for g in grads.values())
+    scripted = torch.jit.script(_fx(model))
     with torch.inference_mode():
         assert list(scripted(torch.randn(1, 3, 64, 64)).values())[0].shape == (1, 42)
+
+
+def test_timms_fx_feature_extractor_gives_the_stage_outputs():
+    model = timm.create_model('rmt_t', features_only=True, feature_cls='fx', depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        features = model(x)
+    assert [tuple(f.shape[1:3]) for f in features] == [(16, 24), (8, 12), (4, 6), (2, 3)]
 
 
 def test_former_init_values_name_still_sets_the_decay_with_a_warning():
     with pytest.warns(FutureWarning, match='decay_exponents'):
         model = timm.create_model('rmt_t', init_values=(3, 3, 2, 2))
-    assert [stage.decay.decay_exponent for stage in model.stages] == [3., 3., 2., 2.]
+    assert [stage.relpos.decay_exponent for stage in model.stages] == [3., 3., 2., 2.]

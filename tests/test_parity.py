@@ -45,10 +45,9 @@ def test_token_label_logits_match_released_code(expected_tl):
     assert (logits - expected_tl['64x64']['logits']).abs().max().item() < ATOL
 
 
-@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'bmm', 'blocked', 'flex'])
-def test_every_attention_path_matches_released_code(expected, impl, monkeypatch):
-    import rmt.attention
-    monkeypatch.setattr(rmt.attention, '_BLOCK_BYTES', 1)  # one image row per block
+@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'bmm', 'blocked'])
+def test_every_attention_path_matches_released_code(expected, impl, thresholds):
+    thresholds(block_bytes=1)  # one image row per block
     model = load_small()
     model.set_attn_impl(impl)
     for size in SIZES:

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Compile the Triton MaSA kernels for a CUDA target without a GPU, and report what the hardware would run.
+
+    python scripts/check_kernels.py --arch 90 --dtype bfloat16
+    python scripts/check_kernels.py --arch 80 --dtype float16 --cases t224
+
+For every kernel configuration that the chosen cases launch (by default ``rmt_t`` and ``rmt_s`` at
+224 px, batch 8, and ``rmt_t`` at 1536 px, batch 1; forward with and without saved statistics, and
+backward), the launches come from :func:`rmt.kernels.masa_forward` / :func:`rmt.kernels.masa_backward`
+as the op would issue them, and are compiled with Triton's own ``warmup`` against a stand-in driver
+that reports the target. Triton's bundled ``cuobjdump`` reads each cubin. Printed per kernel:
+registers per thread, spill stack bytes, shared memory bytes, SASS instructions per warp.
+
+Exits 1 when a kernel fails to compile, spills registers, or needs more shared memory than the
+target has; 2 on a usage error (e.g. no Triton, or no ``cuobjdump`` in its nvidia backend).
+"""
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop('TRITON_INTERPRET', None)  # compile for real, whatever the caller's environment
+
+import torch  # noqa: E402
+
+from rmt import kernels  # noqa: E402
+from rmt.model import MODEL_ARGS  # noqa: E402
+from rmt.position import RelPos2d  # noqa: E402
+
+MODELS = {'t224': ('rmt_t', 224, 8), 's224': ('rmt_s', 224, 8), 't1536': ('rmt_t', 1536, 1)}
+# head dims beyond the released ones (16, 32): padded (8, 24, 48) and the largest (64), in both forms,
+# with sequences that fit a tile and sequences that loop
+HEAD_DIMS = (8, 24, 48, 64)
+CASES = list(MODELS) + ['dims']
+# shared memory per block (opt-in maximum, bytes) by compute capability
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                100: 227 * 1024, 120: 99 * 1024}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--arch', type=int, default=90, choices=sorted(SHARED_LIMIT),
+                   help='compute capability as major * 10 + minor (default 90: H100/H200)')
+    p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    p.add_argument('--fp32-precision', default='highest', choices=['highest', 'high'],
+                   help="torch.get_float32_matmul_precision() to compile float32 for ('high': tf32 dots)")
+    p.add_argument('--config', default='', metavar='KEY=VALUE,...',
+                   help='kernel settings instead of the defaults, e.g. tile=32,num_warps=8 (rmt.kernels.KernelConfig)')
+    p.add_argument('--cases', default='t224,s224,t1536,dims',
+                   help='comma-separated, from ' + ', '.join(f'{k} ({m} at {s} px, batch {b})' for k, (m, s, b)
+                                                          in MODELS.items()) + f', dims (head dims {HEAD_DIMS})')
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> None:
+    print(f'check_kernels.py: error: {message}', file=sys.stderr)
+    raise SystemExit(2)
+
+
+def stage_shapes(case: str):
+    """(batch, stage, H, W, C, heads, decomposed) of every MaSA stage shape of a case."""
+    if case == 'dims':
+        for d in HEAD_DIMS:
+            for label, H, W, decomposed in (('tile', 20, 20, True), ('loop', 72, 72, True), ('tile', 6, 6, False),
+                                            ('loop', 12, 12, False)):
+                yield 2, f'd{d} {label}', H, W, 2 * d, 2, decomposed
+        return
+    model, size, batch = MODELS[case]
+    args = MODEL_ARGS[model]
+    side = math.ceil(math.ceil(size / 2) / 2)
+    for i, (dim, heads, decomposed) in enumerate(zip(args['embed_dims'], args['num_heads'], args['decomposed'])):
+        if i:
+            side = math.ceil(side / 2)
+        yield batch, i + 1, side, side, dim, heads, decomposed
+
+
+def stage_launches(B: int, H: int, W: int, C: int, heads: int, decomposed: bool, dtype: torch.dtype, ieee: bool,
+                   arch: int, overrides=None):
+    """Every launch of one MaSA layer on ``sm_<arch>``: forward for inference, forward for training, backward."""
+    q, k, v, lce = [torch.zeros(B, H, W, C, dtype=dtype) for _ in range(4)]
+    tables = RelPos2d(C, heads, 2, 4).build(H, W, torch.device('cpu'), torch.float32, False)
+    config = kernels.default_config(C // heads, dtype, arch)._replace(**(overrides or {}))
+    common = (tables.rotation, tables.decay, (C // heads) ** -0.5, heads, decomposed)
+    _, _, inference = kernels.masa_forward(q, k, v, lce, *common, False, ieee, config)
+    out, stats, training = kernels.masa_forward(q, k, v, lce, *common, True, ieee, config)
+    *_, backward = kernels.masa_backward(out, q, k, v, out, lce, stats, *common, ieee, config)
+    return inference + training + backward
+
+
+class _TargetDriver:
+    """What Triton's runtime asks of a driver to compile (not launch) for one target."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: 0
+
+
+def compile_only(launch, arch: int):
+    """The CompiledKernel of ``launch`` for ``sm_<arch>``."""
+    return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.constexprs)
+
+
+def measure(compiled, tools: str):
+    """(registers, spill bytes, shared bytes, SASS instructions per warp) of a compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(compiled.asm['cubin'])
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, 'cuobjdump'), '-res-usage', f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, 'cuobjdump'), '-sass', f.name],
+                              capture_output=True, text=True, check=True).stdout
+    m = re.search(r'REG:(\d+) STACK:(\d+) SHARED:(\d+)', usage)
+    instructions = sum(1 for line in sass.splitlines()
+                       if re.match(r'^\s+/\*[0-9a-f]{4}\*/', line) and ' NOP' not in line)
+    shared = max(int(m.group(3)), int(compiled.metadata.shared))
+    return int(m.group(1)), int(m.group(2)), shared, instructions
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not kernels.available():
+        fail('Triton is not installed')
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    tools = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
+    if not os.path.isfile(os.path.join(tools, 'cuobjdump')):
+        fail(f'no cuobjdump in {tools} (Triton {triton.__version__}): its nvidia backend tools are needed')
+    cases = [c for c in args.cases.split(',') if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown or not cases:
+        fail(f'--cases {args.cases!r}: unknown case(s) {unknown}, expected some of {", ".join(CASES)}')
+    overrides = {}
+    for item in [i for i in args.config.split(',') if i]:
+        key, _, value = item.partition('=')
+        if key not in kernels.KernelConfig._fields or not value.isdigit() or int(value) < 1:
+            fail(f'--config {item!r}: expected KEY=N with N a positive integer and KEY one of '
+                 f'{", ".join(kernels.KernelConfig._fields)}')
+        overrides[key] = int(value)
+    dtype = getattr(torch, args.dtype)
+    ieee = dtype == torch.float32 and args.fp32_precision == 'highest'
+    driver.set_active(_TargetDriver(GPUTarget('cuda', args.arch, 32)))
+
+    seen, rows, errors, spills, oversized = set(), [], 0, 0, 0
+    limit = SHARED_LIMIT[args.arch]
+    print(f'Triton {triton.__version__}, sm_{args.arch}, {args.dtype}'
+          f'{" (IEEE dots)" if ieee else " (tf32 dots)" if dtype == torch.float32 else ""}'
+          f'{", settings " + args.config if overrides else ""}\n')
+    print('| case | stage | kernel | L | head dim | regs | spill B | shared B | instr/warp |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for case in cases:
+        for batch, stage, H, W, C, heads, decomposed in stage_shapes(case):
+            for launch in stage_launches(batch, H, W, C, heads, decomposed, dtype, ieee, args.arch, overrides):
+                name = launch.kernel.fn.__name__.strip('_').replace('_kernel', '')
+                key = (name, tuple(sorted(launch.constexprs.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                cx = launch.constexprs
+                label = f'| {case} | {stage} | {name} {"rows cols full".split()[cx["MODE"]]} | {cx["L"]} | {cx["D"]} |'
+                try:
+                    regs, spill, shared, instr = measure(compile_only(launch, args.arch), tools)
+                except Exception as e:  # noqa: BLE001 (any compile failure is reported, then the exit code says it)
+                    errors += 1
+                    print(f'{label} compile error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:120]} |||||',
+                          flush=True)
+                    continue
+                spills += spill > 0
+                oversized += shared > limit
+                print(f'{label} {regs} | {spill} | {shared}{" (over " + str(limit) + ")" if shared > limit else ""} | '
+                      f'{instr} |', flush=True)
+    print(f'\nSUMMARY triton={triton.__version__} arch=sm_{args.arch} dtype={args.dtype} kernels={len(seen)} '
+          f'errors={errors} spills={spills} over_shared={oversized}')
+    return 1 if errors or spills or oversized else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

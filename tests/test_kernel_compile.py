@@ -1,0 +1,54 @@
+"""The Triton kernels compiled for real GPUs on this machine (no GPU needed): ``scripts/check_kernels.py``."""
+import os
+import re
+
+import pytest
+
+from rmt import kernels
+from tests.helpers import script
+
+
+def _tools_present() -> bool:
+    if not kernels.available():
+        return False
+    import triton
+    return os.path.isfile(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))
+
+
+needs_nvidia_tools = pytest.mark.skipif(not _tools_present(), reason="needs Triton's nvidia backend tools")
+pytestmark = [pytest.mark.slow, needs_nvidia_tools]
+
+
+def rows(stdout: str):
+    """The per-kernel rows of the script's table: (case, stage, kernel, L, head dim, regs, spill, shared, instr)."""
+    return [[c.strip() for c in line.strip('|').split('|')] for line in stdout.splitlines()
+            if re.match(r'^\| t224 ', line)]
+
+
+@pytest.mark.parametrize('arch', [90, 80])
+def test_every_rmt_t_kernel_compiles_for_the_gpu_without_spilling(arch):
+    proc = script('check_kernels', '--arch', str(arch), '--dtype', 'bfloat16', '--cases', 't224', timeout=3600)
+    table = rows(proc.stdout)
+    # rows and columns of stages 1-2 (tile, forward and backward), stage 3 looped (forward with and
+    # without statistics, dq, dk/dv), stage 4 tile (forward, backward)
+    assert len(table) == 14, proc.stdout
+    assert all(int(r[6]) == 0 for r in table)
+    assert f'errors=0 spills=0 over_shared=0' in proc.stdout
+    if arch == 90:  # stage 1's forward (56-token rows, 16-channel heads): 1,417 instructions per warp before
+        stage1 = [r for r in table if r[1] == '1' and r[2] == 'fwd_tile rows']
+        assert len(stage1) == 1 and int(stage1[0][8]) <= 900
+
+
+def test_a_spilling_setting_fails_the_check():
+    proc = script('check_kernels', '--arch', '80', '--cases', 't224', '--config', 'num_warps=1,bwd_warps=1',
+                  check=False, timeout=3600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r'spills=[1-9]', proc.stdout)
+
+
+def test_unknown_settings_end_in_one_line():
+    proc = script('check_kernels', '--config', 'warps=8', check=False)
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr.strip().splitlines() == [
+        "check_kernels.py: error: --config 'warps=8': expected KEY=N with N a positive integer and KEY one of "
+        "tile, block_m, block_n, num_warps, bwd_warps, num_stages"]
