@@ -119,6 +119,20 @@ def test_statistics_of_every_looped_pass_are_written_and_of_no_other_pass_kept()
 
 
 @needs_kernels
+def test_backward_op_writes_none_of_its_inputs():
+    from rmt.attention import _masa_backward_op
+    q, k, v, lce, rotation, decay, n, decomposed, _, ieee, config = op_args(1, 3, 70, 1, 8, True)
+    q, k, v, lce = [t.detach() for t in (q, k, v, lce)]
+    out, rows_stats, cols_stats = _masa_op(q, k, v, lce, rotation, decay, n, decomposed, True, ieee, config)
+    inputs = [torch.randn_like(out), q, k, v, out, lce, torch.full_like(rows_stats, 7.), cols_stats, rotation, decay]
+    before = [t.clone() for t in inputs]
+    _masa_backward_op(*inputs, n, decomposed, ieee, config)
+    assert len(inputs) == len(before) == 10
+    for got, want in zip(inputs, before):
+        assert torch.equal(got, want)
+
+
+@needs_kernels
 def test_inference_keeps_no_softmax_statistics():
     out, rows, cols = _masa_op(*op_args(1, 70, 70, 1, 16, True, keep_stats=False))
     assert out.shape == (1, 70, 70, 16) and rows.numel() == cols.numel() == 0
