@@ -3,6 +3,7 @@
 
     python scripts/bench_kernels.py --model rmt_s -b 128 --dtype bfloat16
     python scripts/bench_kernels.py --model rmt_t --img-size 1536 -b 1 --sweep
+    python scripts/bench_kernels.py --model rmt_s -b 8 --dtype float32 --device cpu --threads 2 --paths sdpa,bmm,reference
 
 Times, for every stage, MaSA's pipeline from its raw projections (q, k, v and the LCE output) to the
 tensor ``proj`` reads (:func:`rmt.attention.masa_attention`, what the model runs): the theta shift, the
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument('--paths', default='triton,sdpa,reference', help=f'comma-separated, from {", ".join(PATHS)}')
     p.add_argument('--sweep', action='store_true', help='also time the Triton tile/block/warp settings')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     return p.parse_args(argv)
 
 
@@ -53,8 +55,8 @@ def check_args(args):
     """One line and exit 2 for what cannot run as asked."""
     if args.model not in MODEL_ARGS:
         fail(f'--model {args.model!r}: unknown model, expected one of {", ".join(MODEL_ARGS)}')
-    for name in ('batch_size', 'img_size'):
-        if getattr(args, name) < 1:
+    for name in ('batch_size', 'img_size', 'threads'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f'--{name.replace("_", "-")} {getattr(args, name)}: must be a positive integer')
     paths = [p for p in args.paths.split(',') if p]
     unknown = [p for p in paths if p not in PATHS]
@@ -132,6 +134,8 @@ def timed(path, q, k, v, lce, grad, relpos, n, decomposed, device, config=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     paths, device, dtype = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bandwidth = copy_bandwidth(device)
     name = f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''
     print(f'{args.model} at {args.img_size} px, batch {args.batch_size}, {args.dtype}, device {device}{name}; '
