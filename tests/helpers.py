@@ -1,8 +1,11 @@
 """Helpers shared by the tests: the released-format fixtures, a small real image set, running the scripts.
 
-The image set is scikit-learn's 1797 handwritten digits (``rmt.data.write_digits_folder``: 8x8
-grey scans shipped inside the wheel, no download), written once per test session as 32x32 RGB PNGs
-in an image folder with ``train/`` and ``validation/`` splits.
+The image set is scikit-learn's 1797 handwritten digits (``write_digits_folder`` of
+``scripts/make_digits.py``: 8x8 grey scans shipped inside the wheel, no download), written once per
+test session as 32x32 RGB PNGs in an image folder with ``train/`` and ``validation/`` splits.
+
+Subprocesses get no tight time limit (a busy machine may be many times slower than a quiet one):
+only :data:`PATIENCE`, which catches a hang, and a failure says what the test was waiting for.
 """
 import csv
 import functools
@@ -20,7 +23,6 @@ from pathlib import Path
 import timm
 
 import rmt
-from rmt.data import write_digits_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / 'scripts'
@@ -29,6 +31,7 @@ SMALL_CONFIG = FIXTURES / 'official_small_config.json'
 SMALL_CHECKPOINT = FIXTURES / 'official_small_checkpoint.pth'
 SMALL_TL_CHECKPOINT = FIXTURES / 'official_small_tokenlabel_checkpoint.pth'
 SMOKE_CONFIG = REPO / 'configs' / 'smoke_digits.yaml'
+PATIENCE = 3600.  # seconds a subprocess may take before a test calls it hung (about 100x a quiet machine's time)
 
 
 def small_kwargs(**overrides):
@@ -60,6 +63,11 @@ def session_dir(name: str) -> str:
     return path
 
 
+def write_digits_folder(root: str, **kwargs) -> str:
+    """scikit-learn's digits as an image folder (``scripts/make_digits.py``'s ``write_digits_folder``)."""
+    return load_script('make_digits').write_digits_folder(root, **kwargs)
+
+
 @functools.lru_cache(maxsize=None)
 def digits_folder() -> str:
     return write_digits_folder(os.path.join(session_dir('digits'), 'digits'))
@@ -70,26 +78,37 @@ def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
-def run(args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def _text(output) -> str:
+    return output.decode(errors='replace') if isinstance(output, bytes) else output or ''
+
+
+def run(args, timeout: float = PATIENCE, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python ARGS...`` in a fresh interpreter at the repository root; output captured as text."""
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=env(), cwd=REPO)
+    command = f'python {" ".join(map(str, args))}'
+    try:
+        proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env=env(), cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f'waited {timeout:.0f} s for {command} to finish; it was still running (hung?):\n'
+                             f'{_text(e.stdout)[-3000:]}\n{_text(e.stderr)[-6000:]}') from None
     if check and proc.returncode != 0:
         raise AssertionError(f'python {" ".join(map(str, args))} exited {proc.returncode}:\n'
                              f'{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
     return proc
 
 
-def script(name: str, *args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def script(name: str, *args, timeout: float = PATIENCE, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``scripts/<name>.py ARGS...`` as a user would."""
     return run([SCRIPTS / f'{name}.py', *args], timeout=timeout, check=check)
 
 
-def kill_when_written(proc: subprocess.Popen, path: str, timeout: float = 240) -> None:
+def kill_when_written(proc: subprocess.Popen, path: str, timeout: float = PATIENCE) -> None:
     """SIGKILL a running training process as soon as ``path`` (a checkpoint) appears."""
-    deadline = time.time() + timeout
+    start = time.time()
     while not os.path.exists(path):
-        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+        assert proc.poll() is None, f'waiting for {path} to kill the run then, but the run ended (exit ' \
+                                    f'{proc.returncode}) without writing it'
+        assert time.time() - start < timeout, f'waited {timeout:.0f} s for the run to write {path}; it did not (hung?)'
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

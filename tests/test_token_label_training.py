@@ -21,7 +21,7 @@ from rmt.cli import ScriptError, parse_args_with_config
 from rmt.data import open_dataset
 from rmt.token_labeling import META_FILE, read_meta
 from tests.helpers import (
-    FIXTURES, REPO, SCRIPTS, SMALL_CONFIG, digits_folder, env, kill_when_written, load_script, read_summary,
+    FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, digits_folder, env, kill_when_written, load_script, read_summary,
     script, session_dir, small_kwargs)
 
 train = load_script('train')
@@ -45,12 +45,14 @@ def train_command(*args: str) -> list:
     return [sys.executable, str(SCRIPTS / 'train.py'), *args]
 
 
-def run_together(*commands: list, timeout: float = 300) -> None:
+def run_together(*commands: list, timeout: float = PATIENCE) -> None:
     """Run commands side by side (the machine's cores are used either way); fail with the output of any that fails."""
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
              for c in commands]
     try:
         outputs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f'waited {timeout:.0f} s for {" ".join(map(str, e.cmd))} to finish (hung?)') from None
     finally:
         for p in procs:
             p.kill()
@@ -116,7 +118,7 @@ def test_killed_token_label_run_resumes_to_the_same_weights_as_an_uninterrupted_
     run_dir = os.path.join(output, 'killed')
     try:  # kill it for real in epoch 1, right after the epoch-0 checkpoint appears
         kill_when_written(killed, os.path.join(run_dir, 'checkpoint-0.pth.tar'))
-        assert reference.wait(timeout=240) == 0
+        assert reference.wait(timeout=PATIENCE) == 0, 'the uninterrupted run failed'
     finally:
         killed.kill()
         reference.kill()
@@ -139,8 +141,8 @@ def test_token_label_training_runs_under_torchrun_with_amp(labels, tmp_path):
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
     args = tl_args(str(tmp_path), 'ddp', '--token-label', '--token-label-data', labels, '--epochs', '2',
                    '--warmup-epochs', '0', '-b', '32', '--amp', '--amp-dtype', 'bfloat16')
-    proc = subprocess.run([*torchrun, str(SCRIPTS / 'train.py'), *args], capture_output=True, text=True, timeout=300,
-                          env=env(), cwd=REPO)
+    proc = subprocess.run([*torchrun, str(SCRIPTS / 'train.py'), *args], capture_output=True, text=True,
+                          timeout=PATIENCE, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'process 1 of 2' in proc.stderr and 'Token labeling:' in proc.stderr
     rows = read_summary(str(tmp_path / 'ddp'))

@@ -9,12 +9,11 @@ import timm
 import torch
 
 import rmt
-from rmt.checkpoint import AtomicCheckpointSaver
 from rmt.cli import ScriptError, parse_args_with_config
-from rmt.data import write_digits_folder
+from rmt.train_utils import AtomicCheckpointSaver
 from tests.helpers import (
-    FIXTURES, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, digits_folder, env, kill_when_written, load_script,
-    read_summary, script, session_dir, small_kwargs, smoke_args, smoke_run)
+    FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, digits_folder, env, kill_when_written, load_script,
+    read_summary, script, session_dir, small_kwargs, smoke_args, smoke_run, write_digits_folder)
 
 train = load_script('train')
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -180,18 +179,18 @@ def test_default_data_workers_do_not_exceed_the_cores():
 def test_paper_randaugment_policy_survives_its_maximum_magnitude():
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
-    from rmt.data import allow_posterize_to_zero_bits
-    allow_posterize_to_zero_bits()  # what train.py does before training
+    from rmt.train_utils import allow_posterize_to_zero_bits
     augment = rand_augment_transform('rand-n8-m10-mstd0-inc1', {})  # magnitude 10 asks posterize for 0 bits
     image = Image.new('RGB', (16, 16), (200, 120, 40))
-    assert all(augment(image).size == (16, 16) for _ in range(40))
+    with allow_posterize_to_zero_bits():  # what train.py trains in
+        assert all(augment(image).size == (16, 16) for _ in range(40))
 
 
 def test_torchrun_trains_with_distributed_data_parallel_on_cpu(tmp_path):
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
     proc = subprocess.run([*torchrun, os.path.join(SCRIPTS, 'train.py'),
                            *smoke_args(str(tmp_path), 'ddp', '--epochs', '1', '--warmup-epochs', '0', '-b', '32')],
-                          capture_output=True, text=True, timeout=300, env=env())
+                          capture_output=True, text=True, timeout=PATIENCE, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'process 1 of 2' in proc.stderr and 'process 0 of 2' in proc.stderr
     rows = read_summary(str(tmp_path / 'ddp'))
