@@ -7,6 +7,7 @@ test session as 32x32 RGB PNGs in an image folder with ``train/`` and ``validati
 Subprocesses get no tight time limit (a busy machine may be many times slower than a quiet one):
 only :data:`PATIENCE`, which catches a hang, and a failure says what the test was waiting for.
 """
+import argparse
 import csv
 import functools
 import importlib.util
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import timm
+import torch
 
 import rmt
 
@@ -126,6 +128,39 @@ def smoke_run() -> str:
     output = session_dir('runs')
     script('train', *smoke_args(output, 'uninterrupted'))
     return os.path.join(output, 'uninterrupted')
+
+
+def run_side_by_side(*commands, cwd=REPO, timeout: float = PATIENCE) -> list:
+    """Run ``python ARGS...`` commands at once (they share the cores either way); ``(returncode, stdout, stderr)``
+    of each, in order."""
+    procs = [subprocess.Popen([sys.executable, *map(str, c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env(), cwd=cwd) for c in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f'waited {timeout:.0f} s for {" ".join(map(str, e.cmd))} to finish (hung?)') from None
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def load_run_checkpoint(path) -> dict:
+    """A checkpoint of scripts/train.py, read as resuming reads it (weights-only, with the run's args)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_resumed_like_uninterrupted(run_dir: str, reference_dir: str, epoch: int) -> None:
+    """A killed and resumed run ends as the uninterrupted one: weights, EMA, optimizer state and summary.csv."""
+    resumed, uninterrupted = (load_run_checkpoint(os.path.join(d, 'last.pth.tar')) for d in (run_dir, reference_dir))
+    assert resumed['epoch'] == uninterrupted['epoch'] == epoch
+    for part in ('state_dict', 'state_dict_ema'):
+        for k, v in uninterrupted[part].items():
+            assert torch.equal(resumed[part][k], v), f'{part}.{k} differs after the resume'
+    for i, s in uninterrupted['optimizer']['state'].items():
+        assert all(torch.equal(resumed['optimizer']['state'][i][k], s[k]) for k in s)
+    assert read_summary(run_dir) == read_summary(reference_dir)
 
 
 def read_summary(run_dir: str) -> list:

@@ -7,10 +7,8 @@ configuration of the released format: in the blocks' folder they stand under tho
 """
 import re
 import shutil
-import subprocess
-import sys
 
-from tests.helpers import PATIENCE, REPO, SMALL_CHECKPOINT, SMALL_CONFIG, SMALL_TL_CHECKPOINT, env
+from tests.helpers import REPO, SMALL_CHECKPOINT, SMALL_CONFIG, SMALL_TL_CHECKPOINT, run_side_by_side
 
 STAND_INS = {'RMT-S.pth': SMALL_CHECKPOINT, 'RMT-S-TL.pth': SMALL_TL_CHECKPOINT, 'custom.json': SMALL_CONFIG}
 
@@ -43,15 +41,8 @@ def test_readme_python_blocks_run_as_written(tmp_path):
     assert len(blocks) >= 4  # usage, FLOPs, export, dense-prediction features
     for name, path in STAND_INS.items():
         shutil.copyfile(path, tmp_path / name)
-    procs = []
     for i, block in enumerate(blocks):
         (tmp_path / f'block{i}.py').write_text(block)
-        procs.append(subprocess.Popen([sys.executable, '-c', PRELUDE, f'block{i}.py'], cwd=tmp_path, env=env(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        outputs = [p.communicate(timeout=PATIENCE) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for block, p, (out, err) in zip(blocks, procs, outputs):
-        assert p.returncode == 0, f'README block failed (exit {p.returncode}):\n{block}\n{err[-4000:]}'
+    results = run_side_by_side(*(['-c', PRELUDE, f'block{i}.py'] for i in range(len(blocks))), cwd=tmp_path)
+    for block, (code, out, err) in zip(blocks, results):
+        assert code == 0, f'README block failed (exit {code}):\n{block}\n{err[-4000:]}'

@@ -1,5 +1,4 @@
 """scripts/train.py end to end on a real image set (scikit-learn's digits), on CPU."""
-import argparse
 import os
 import subprocess
 import sys
@@ -12,16 +11,12 @@ import rmt
 from rmt.cli import ScriptError, parse_args_with_config
 from rmt.train_utils import AtomicCheckpointSaver
 from tests.helpers import (
-    FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, digits_folder, env, kill_when_written, load_script,
-    read_summary, script, session_dir, small_kwargs, smoke_args, smoke_run, write_digits_folder)
+    FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, assert_resumed_like_uninterrupted, digits_folder, env,
+    kill_when_written, load_run_checkpoint, load_script, read_summary, script, session_dir, small_kwargs, smoke_args,
+    smoke_run, write_digits_folder)
 
 train = load_script('train')
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def load(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)  # resumable files are weights-only
 
 
 def test_training_reaches_high_accuracy_and_writes_timm_summary():
@@ -41,7 +36,7 @@ def test_training_logs_progress_and_a_final_summary_line():
 
 
 def test_checkpoint_holds_everything_needed_to_resume():
-    state = load(os.path.join(smoke_run(), 'last.pth.tar'))
+    state = load_run_checkpoint(os.path.join(smoke_run(), 'last.pth.tar'))
     assert state['epoch'] == 3
     assert {'state_dict', 'state_dict_ema', 'optimizer', 'lr_scheduler', 'args', 'saver'} <= set(state)
     assert state['optimizer']['state']  # AdamW moments
@@ -57,20 +52,12 @@ def test_killed_run_resumes_to_the_same_final_weights_as_an_uninterrupted_one():
         kill_when_written(proc, os.path.join(run_dir, 'checkpoint-1.pth.tar'))
     finally:
         proc.kill()
-    assert load(os.path.join(run_dir, 'last.pth.tar'))['epoch'] < 3  # stopped before the end
+    assert load_run_checkpoint(os.path.join(run_dir, 'last.pth.tar'))['epoch'] < 3  # stopped before the end
 
     script('train', *smoke_args(output, 'killed'), '--resume', os.path.join(run_dir, 'last.pth.tar'))
 
-    resumed = load(os.path.join(run_dir, 'last.pth.tar'))
-    uninterrupted = load(os.path.join(smoke_run(), 'last.pth.tar'))
-    assert resumed['epoch'] == uninterrupted['epoch'] == 3
-    for part in ('state_dict', 'state_dict_ema'):
-        for k, v in uninterrupted[part].items():
-            assert torch.equal(resumed[part][k], v), f'{part}.{k} differs after the resume'
-    for i, s in uninterrupted['optimizer']['state'].items():
-        assert all(torch.equal(resumed['optimizer']['state'][i][k], s[k]) for k in s)
     assert [r['epoch'] for r in read_summary(run_dir)] == [0, 1, 2, 3]  # no duplicated or torn rows
-    assert read_summary(run_dir) == read_summary(smoke_run())
+    assert_resumed_like_uninterrupted(run_dir, smoke_run(), epoch=3)
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact(tmp_path, monkeypatch):
@@ -79,7 +66,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact
     saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=str(tmp_path),
                                           recovery_dir=str(tmp_path))
     saver.save_checkpoint(0, metric=1.0)
-    before = load(tmp_path / 'last.pth.tar')
+    before = load_run_checkpoint(tmp_path / 'last.pth.tar')
 
     def crash_midway(obj, f, *args, **kwargs):
         f.write(b'half a checkpoint')
@@ -90,7 +77,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact
     with pytest.raises(KeyboardInterrupt):
         saver.save_checkpoint(1, metric=2.0)
 
-    after = load(tmp_path / 'last.pth.tar')
+    after = load_run_checkpoint(tmp_path / 'last.pth.tar')
     assert after['epoch'] == 0 and torch.equal(after['state_dict']['weight'], before['state_dict']['weight'])
     assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
 
@@ -133,7 +120,7 @@ def test_finetune_from_released_checkpoint_of_a_released_config_with_a_new_class
            '--num-classes', '5', '--img-size', '40', '--epochs', '1', '--lr', '1e-12', '--warmup-epochs', '0',
            '--workers', '0', '-b', '50')
 
-    saved = load(tmp_path / 'ft' / 'last.pth.tar')
+    saved = load_run_checkpoint(tmp_path / 'ft' / 'last.pth.tar')
     trained = saved['state_dict']
     released = rmt.checkpoint_filter_fn(rmt.load_checkpoint_file(fixture), timm.create_model('rmt_t', **small_kwargs()))
     assert trained['head.fc.weight'].shape == (5, 128)  # a new 5-class classifier
