@@ -39,7 +39,8 @@ from .model import RMT
 
 __all__ = [
     'ScriptError', 'run_main', 'ArgumentParser', 'positive_int', 'non_negative_int', 'positive_float',
-    'non_negative_float', 'finite_float', 'probability', 'data_workers', 'available_device', 'model_name', 'ParseModelKwargs',
+    'non_negative_float', 'finite_float', 'probability', 'data_workers', 'available_device', 'model_name',
+    'ParseModelKwargs',
     'default_device', 'default_workers', 'parse_args_with_config', 'add_model_args', 'model_kwargs_from_args',
     'autocast_for', 'read_checkpoint', 'saved_settings', 'FROM_TRAINING', 'apply_saved_settings', 'require_model',
     'describe_weights', 'load_weights', 'check_fits', 'open_split', 'check_num_classes', 'build_model', 'add_amp_args',
@@ -199,8 +200,8 @@ def _check_config_value(action: argparse.Action, key: str, value: Any, path: str
     except argparse.ArgumentTypeError as e:
         raise ScriptError(f'--config {path}: {key}: {e}') from None
     except (TypeError, ValueError):
-        raise ScriptError(f'--config {path}: {key}: {value!r} is not a valid {getattr(action.type, "__name__", "value")}') \
-            from None
+        kind = getattr(action.type, '__name__', 'value')
+        raise ScriptError(f'--config {path}: {key}: {value!r} is not a valid {kind}') from None
     bad = [v for v in converted if action.choices and v not in action.choices]
     if bad:
         raise ScriptError(f'--config {path}: {key}: {bad[0]!r} is not one of {", ".join(map(str, action.choices))}')

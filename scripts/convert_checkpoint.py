@@ -40,7 +40,8 @@ def build_parser() -> ArgumentParser:
     add_model_args(p)
     p.add_argument('--use-ema', action='store_true', default=False,
                    help='take the EMA weights (model_ema / state_dict_ema) instead of the plain ones')
-    p.add_argument('--verify-size', type=positive_int, default=224, help='image size of the output check (default: 224)')
+    p.add_argument('--verify-size', type=positive_int, default=224,
+                   help='image size of the output check (default: 224)')
     return p
 
 

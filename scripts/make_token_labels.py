@@ -77,7 +77,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument('data', metavar='DATA', help='image folder: DATA/<class>/<image>')
     p.add_argument('labels', metavar='LABELS', help='label folder to write (or check): LABELS/<class>/<image>.pt')
     p.add_argument('--verify', action='store_true', default=False, help='check the label files instead of writing')
-    p.add_argument('--model', type=model_name, default=None, metavar='NAME', help='teacher: any timm model name (or rmt_*)')
+    p.add_argument('--model', type=model_name, default=None, metavar='NAME',
+                   help='teacher: any timm model name (or rmt_*)')
     p.add_argument('--pretrained', action='store_true', default=False, help="the timm model's pretrained weights")
     p.add_argument('--checkpoint', default='', metavar='FILE',
                    help='teacher weights: a checkpoint of scripts/train.py, a released RMT .pth, or .safetensors')

@@ -5,7 +5,7 @@ Takes timm's ``train.py`` flags with the same names and meanings (``--config FIL
 them; the command line wins) and is built from timm's library: datasets, loaders, transforms and
 Mixup from ``timm.data``, losses from ``timm.loss``, ``create_optimizer_v2``, ``create_scheduler_v2``,
 EMA, loss scaling, checkpoint saving, ``summary.csv`` and distributed set-up from ``timm.utils``;
-what the scripts share comes from ``rmt.cli``, ``rmt.data``, ``rmt.evaluate`` and ``rmt.checkpoint``.
+what the scripts share comes from ``rmt.cli``, ``rmt.data``, ``rmt.evaluate`` and ``rmt.train_utils``.
 
     python scripts/train.py --config configs/rmt_t_in1k.yaml --data-dir /data/imagenet
     torchrun --nproc-per-node 8 scripts/train.py --config configs/rmt_s_in1k.yaml --data-dir /data/imagenet
@@ -73,11 +73,14 @@ def build_parser() -> ArgumentParser:
     g.add_argument('--val-split', metavar='NAME', default='validation', help='"" to train without validation')
     g.add_argument('--dataset-download', action='store_true', default=False)
     g.add_argument('--class-map', default='', metavar='FILE', help='class name to index mapping file')
-    g.add_argument('--num-classes', type=positive_int, default=None, metavar='N', help='classes (default: the model\'s)')
-    g.add_argument('--img-size', type=positive_int, default=None, metavar='N', help='image size (default: the model\'s)')
+    g.add_argument('--num-classes', type=positive_int, default=None, metavar='N',
+                   help='classes (default: the model\'s)')
+    g.add_argument('--img-size', type=positive_int, default=None, metavar='N',
+                   help='image size (default: the model\'s)')
     g.add_argument('--in-chans', type=positive_int, default=None, metavar='N')
     g.add_argument('--input-size', default=None, nargs=3, type=positive_int, metavar=('C', 'H', 'W'))
-    g.add_argument('--crop-pct', default=None, type=positive_float, metavar='PCT', help='validation centre-crop fraction')
+    g.add_argument('--crop-pct', default=None, type=positive_float, metavar='PCT',
+                   help='validation centre-crop fraction')
     g.add_argument('--mean', type=finite_float, nargs='+', default=None)
     g.add_argument('--std', type=positive_float, nargs='+', default=None)
     g.add_argument('--interpolation', default='', type=str)
@@ -173,14 +176,16 @@ def build_parser() -> ArgumentParser:
     g.add_argument('--model-ema-decay', type=probability, default=0.9998)
     g.add_argument('--model-ema-warmup', action='store_true', default=False)
     g.add_argument('--model-ema-force-cpu', action='store_true', default=False)
-    g.add_argument('--device', type=available_device, default=default_device(), help='default: cuda when available, else cpu')
+    g.add_argument('--device', type=available_device, default=default_device(),
+                   help='default: cuda when available, else cpu')
     g.add_argument('--dist-bn', type=str, default='reduce', choices=('reduce', 'broadcast', ''),
                    help='sync BatchNorm stats after each epoch')
     add_amp_args(g)
     g.add_argument('--seed', type=int, default=42)
     g.add_argument('--log-interval', type=positive_int, default=50, metavar='N', help='log every N optimizer updates')
     g.add_argument('--checkpoint-hist', type=positive_int, default=10, metavar='N', help='numbered checkpoints to keep')
-    g.add_argument('--eval-metric', default='top1', choices=[p + m for p in ('', 'ema_') for m in ('top1', 'top5', 'loss')],
+    g.add_argument('--eval-metric', default='top1',
+                   choices=[p + m for p in ('', 'ema_') for m in ('top1', 'top5', 'loss')],
                    help='top1, top5, loss, or ema_top1... to pick the best')
     g.add_argument('--output', default='', metavar='DIR', help='output root (default: ./output/train)')
     g.add_argument('--experiment', default='', metavar='NAME', help='run folder name (default: date-model-size)')

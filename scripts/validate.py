@@ -39,7 +39,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument('--split', metavar='NAME', default='validation')
     p.add_argument('--dataset-download', action='store_true', default=False)
     p.add_argument('--class-map', default=None, metavar='FILE')
-    p.add_argument('--model', type=model_name, default=None, metavar='NAME', help='model name (default: from a training checkpoint)')
+    p.add_argument('--model', type=model_name, default=None, metavar='NAME',
+                   help='model name (default: from a training checkpoint)')
     p.add_argument('--pretrained', action='store_true', default=False)
     p.add_argument('--checkpoint', default='', metavar='FILE', help='weights: released .pth, ours, or .safetensors')
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
@@ -55,7 +56,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument('-b', '--batch-size', type=positive_int, default=256)
     p.add_argument('-j', '--workers', type=data_workers, default=default_workers(),
                    help='data-loading processes, at most the number of cores (default: 4, or the cores if fewer)')
-    p.add_argument('--device', type=available_device, default=default_device(), help='default: cuda when available, else cpu')
+    p.add_argument('--device', type=available_device, default=default_device(),
+                   help='default: cuda when available, else cpu')
     add_amp_args(p)
     p.add_argument('--channels-last', action='store_true', default=False)
     p.add_argument('--results-file', default='', metavar='FILE', help='also write the results as JSON here')

@@ -69,7 +69,8 @@ CASES = [
     case('train', ['--config', '{w}/nope.yaml'], '--config', 'nope.yaml: no such file'),
     case('train', ['--config', '{w}/zero_batch.yaml'], '--config', 'zero_batch.yaml: batch_size',
          "positive integer, got '0'"),
-    case('train', ['--config', '{w}/bad_choice.yaml'], '--config', 'bad_choice.yaml: amp_dtype', "'float8' is not one of"),
+    case('train', ['--config', '{w}/bad_choice.yaml'], '--config', 'bad_choice.yaml: amp_dtype',
+         "'float8' is not one of"),
     case('train', ['--data-dir', '{w}/nowhere'], '--data-dir', 'nowhere does not exist'),
     case('train', ['--data-dir', '{w}/text.pth'], '--data-dir', 'text.pth is a file'),
     case('train', ['--data-dir', '{digits}', '--amp', '--amp-dtype', 'float16'], '--amp-dtype float16', 'CPU',
@@ -91,7 +92,8 @@ CASES = [
     case('validate', ['--crop-pct', '0'], '--crop-pct', "expected a finite number > 0, got '0'"),
     case('validate', ['--std', '0'], '--std', "got '0'"),
     case('validate', ['--data-dir', '{digits}'], '--model is required'),
-    case('validate', ['--data-dir', '{digits}', '--checkpoint', '{w}/nope.pth'], '--checkpoint', 'nope.pth: no such file'),
+    case('validate', ['--data-dir', '{digits}', '--checkpoint', '{w}/nope.pth'], '--checkpoint',
+         'nope.pth: no such file'),
     case('validate', ['--data-dir', '{digits}', '--checkpoint', '{w}/folder'], '--checkpoint', 'folder: a folder'),
     case('validate', ['--data-dir', '{digits}', '--model', 'rmt_x'], '--model', "unknown model 'rmt_x'"),
     case('validate', ['--data-dir', '{w}/nowhere', '--model', 'rmt_t'], '--data-dir', 'nowhere does not exist'),
@@ -136,11 +138,12 @@ CASES = [
     case('benchmark', ['--dtype', 'float8'], '--dtype', "invalid choice: 'float8'"),
     # convert_checkpoint.py
     case('convert_checkpoint', ['{w}/nope.pth', '{out}/x.safetensors'], 'INPUT', 'nope.pth: no such file'),
-    case('convert_checkpoint', ['{w}/folder', '{out}/x.safetensors'], 'INPUT', 'folder: a folder, expected a checkpoint'),
-    case('convert_checkpoint', ['{w}/text.pth', '{out}/x.safetensors'], 'INPUT', 'text.pth', 'not a PyTorch checkpoint'),
-    case('convert_checkpoint', ['{small}', '{out}/x.pth'], 'OUTPUT', 'x.pth: expected a file name ending in .safetensors'),
+    case('convert_checkpoint', ['{w}/folder', '{out}/x.safetensors'], 'INPUT', 'folder: a folder, expected a'),
+    case('convert_checkpoint', ['{w}/text.pth', '{out}/x.safetensors'], 'INPUT', 'text.pth', 'not a PyTorch'),
+    case('convert_checkpoint', ['{small}', '{out}/x.pth'], 'OUTPUT', 'x.pth: expected a file name ending in'),
     case('convert_checkpoint', ['{small}', '{out}/x.safetensors'], '--model is required'),
-    case('convert_checkpoint', ['{small}', '{out}/x.safetensors', '--model', 'rmt_x'], '--model', "unknown model 'rmt_x'"),
+    case('convert_checkpoint', ['{small}', '{out}/x.safetensors', '--model', 'rmt_x'], '--model',
+         "unknown model 'rmt_x'"),
     case('convert_checkpoint', ['{small}', '{out}/x.safetensors', '--model', 'resnet18'], '--model resnet18',
          'converts RMT checkpoints'),
     case('convert_checkpoint', ['{small}', '{out}/x.safetensors', '--model', 'rmt_t'], 'official_small_checkpoint.pth',
@@ -230,8 +233,8 @@ def test_a_mistake_ends_in_one_line_naming_it_and_status_2(capsys, wrong, tmp_pa
 
 
 def test_a_resume_of_another_config_counts_the_disagreeing_tensors_and_names_the_first(capsys, wrong):
-    line = one_line_error(capsys, load_script('train').main, [
-        '--config', SMOKE_CONFIG, '--data-dir', digits_folder(), '--device', 'cpu', '--resume', wrong / 'other.pth.tar'])
+    line = one_line_error(capsys, load_script('train').main, ['--config', SMOKE_CONFIG, '--data-dir', digits_folder(),
+                                                               '--device', 'cpu', '--resume', wrong / 'other.pth.tar'])
     ours = timm.create_model('rmt_t', num_classes=10, **SMOKE_KWARGS).state_dict()
     theirs = torch.load(wrong / 'other.pth.tar', weights_only=False)['state_dict']
     differ = [k for k in ours if ours[k].shape != theirs[k].shape]  # in the model's order: the stem first

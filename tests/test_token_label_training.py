@@ -41,7 +41,8 @@ def train_command(*args: str) -> list:
 
 
 def run_together(*commands: list) -> None:
-    """Run ``python ARGS...`` commands side by side (the machine's cores are used either way); fail with the output of any that fails."""
+    """Run ``python ARGS...`` commands side by side (the cores are used either way); fail with the output of any that
+    fails."""
     for c, (code, out, err) in zip(commands, run_side_by_side(*commands)):
         assert code == 0, f'{" ".join(map(str, c))} exited {code}:\n{out[-2000:]}\n{err[-4000:]}'
 

@@ -11,9 +11,9 @@ import rmt
 from rmt.cli import ScriptError, parse_args_with_config
 from rmt.train_utils import AtomicCheckpointSaver
 from tests.helpers import (
-    FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, assert_resumed_like_uninterrupted, digits_folder, env,
-    kill_when_written, load_run_checkpoint, load_script, read_summary, script, session_dir, small_kwargs, smoke_args,
-    smoke_run, write_digits_folder)
+    FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, assert_resumed_like_uninterrupted, digits_folder,
+    env, kill_when_written, load_run_checkpoint, load_script, read_summary, script, session_dir, small_kwargs,
+    smoke_args, smoke_run, write_digits_folder)
 
 train = load_script('train')
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -143,6 +143,17 @@ def test_every_config_is_made_of_train_py_flags():
             assert (args.aa, args.mixup, args.cutmix, args.smoothing, args.reprob) \
                 == ('rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.1, 0.25)
             assert args.drop_path == drop_path[args.model]
+
+
+def test_a_recipe_run_on_the_cpu_autocasts_nothing_and_uses_no_more_workers_than_cores():
+    from rmt.cli import autocast_for
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    for name in sorted(os.listdir(REPO / 'configs')):  # "one process (a single GPU, or the CPU)" in the README
+        args = parse_args_with_config(train.build_parser(), ['--config', str(REPO / 'configs' / name)])
+        autocast, scale = autocast_for(args, torch.device('cpu'))
+        with autocast():
+            assert not torch.is_autocast_enabled('cpu') and not scale, name
+        assert args.workers <= cores, name
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
