@@ -428,8 +428,8 @@ def build_model(args, num_classes: Optional[int], default_model: Optional[str] =
     pretrained = bool(getattr(args, 'pretrained', False) or pretrained_path)
     try:
         model = create_model(name, pretrained=pretrained, **kwargs)
-    except (ValueError, RuntimeError, TypeError) as e:
-        hint = '; give the weights file with --pretrained-path FILE' if pretrained and not pretrained_path else ''
+    except (ValueError, RuntimeError, TypeError, OSError) as e:  # OSError: pretrained weights not downloadable
+        hint = f'; give the weights file with {weights_flag} FILE' if pretrained and not pretrained_path else ''
         how = f'pretrained from {weights_flag} {pretrained_path}' if pretrained_path else \
             'pretrained' if pretrained else 'from scratch'
         raise ScriptError(f'cannot create model {name} ({how}): {e}{hint}') from None

@@ -115,7 +115,7 @@ def build_teacher(args) -> torch.nn.Module:
     state = apply_saved_settings(args)
     if not (args.pretrained or args.checkpoint):
         raise ScriptError('the teacher needs weights: --pretrained (timm\'s) or --checkpoint FILE')
-    model = build_model(args, args.num_classes)
+    model = build_model(args, args.num_classes, weights_flag='--checkpoint')
     pretrained_classes = model.pretrained_cfg.get('num_classes')
     if args.pretrained and not args.checkpoint and args.num_classes not in (None, pretrained_classes):
         raise ScriptError(f'--num-classes {args.num_classes}: the pretrained {args.model} has {pretrained_classes} '

@@ -82,6 +82,19 @@ def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact
     assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
 
 
+def test_checkpoints_are_whole_copies_where_hard_links_are_not_supported(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError('hard links not supported here')
+    monkeypatch.setattr(os, 'link', no_links)
+    model = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(0, metric=1.0)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    last = (tmp_path / 'last.pth.tar').read_bytes()
+    assert (tmp_path / 'checkpoint-0.pth.tar').read_bytes() == last == (tmp_path / 'model_best.pth.tar').read_bytes()
+
+
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     proc = script('train', *smoke_args(str(tmp_path), 'nan'), '--opt', 'sgd', '--lr', '1e30', '--warmup-epochs', '0',
                   '--epochs', '1', check=False)
