@@ -131,6 +131,16 @@ def build(spec: str, args, size):
     return model
 
 
+def model_and_input(spec: str, args, mode: str, size):
+    """The model of ``spec`` (seeded, on the device) and a random batch for ``mode`` at ``size``."""
+    torch.manual_seed(0)
+    model = build(spec, args, size)
+    x = torch.randn(batch_size(args, mode), 3, *size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
 def make_step(model, args, mode: str, x: torch.Tensor):
     autocast = torch.autocast(args.device.split(':')[0], dtype=getattr(torch, args.dtype)) \
         if args.dtype != 'float32' else nullcontext()
@@ -176,11 +186,7 @@ def memory_child(spec: str, args) -> None:
     """Run a few steps of one model in this fresh process and print its peak memory as JSON."""
     name, mode, size = spec.split('|')
     size = parse_size(size)
-    torch.manual_seed(0)
-    model = build(name, args, size)
-    x = torch.randn(batch_size(args, mode), 3, *size, device=args.device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    model, x = model_and_input(name, args, mode, size)
     step = make_step(model, args, mode, x)
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
@@ -378,11 +384,7 @@ def main(argv=None) -> None:
         for mode in modes:
             entries = []
             for name in models:
-                torch.manual_seed(0)
-                model = build(name, args, size)
-                x = torch.randn(batch_size(args, mode), 3, *size, device=args.device)
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                model, x = model_and_input(name, args, mode, size)
                 flops = float('nan') if args.no_flops else step_flops(model, args, mode, size)
                 step = make_step(model, args, mode, x)
                 for _ in range(args.warmup):
