@@ -3,11 +3,15 @@
 Importing the package registers ``rmt_t``, ``rmt_s``, ``rmt_b`` and ``rmt_l`` with timm.
 
 The model is ``position -> kernels -> attention -> blocks -> model`` (each module imports only those
-before it, and ``mixtoken``); ``checkpoint`` reads, maps and writes checkpoint files; ``export`` and ``flops``
-serve deployment; ``token_labeling`` holds token-labeling training (labels, targets, loss).
-The command-line scripts in ``scripts/`` are thin: what they share lives in ``cli`` (arguments,
-config files, model building), ``data`` (datasets and loaders) and ``evaluate``.
+before it, and ``mixtoken``); ``checkpoint`` reads checkpoint files and maps their weights; ``export``
+and ``flops`` serve deployment; ``token_labeling`` holds token-labeling training (labels, targets, loss).
+The command-line scripts in ``scripts/`` are thin: what they share lives in ``cli`` (one-line errors,
+checked arguments, config files, model building), ``data`` (datasets and loaders), ``evaluate`` and
+``train_utils`` (files written whole, the checkpoint saver). Every submodule is reachable from
+``import rmt`` alone (``rmt.export.export_program(...)``): the ones not imported here load on first use.
 """
+import importlib
+
 from .attention import ATTN_IMPLS, MaSA, plan_attention, set_dispatch_thresholds
 from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, official_config_to_kwargs
 from .position import RelPos2d
@@ -16,6 +20,8 @@ from .model import RMT
 __all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'RelPos2d', 'checkpoint_filter_fn', 'load_checkpoint_file',
            'official_config_to_kwargs', 'plan_attention', 'set_dispatch_thresholds']
 __version__ = '0.1.0'
+
+_LAZY = ('cli', 'data', 'evaluate', 'export', 'flops', 'mixtoken', 'token_labeling', 'train_utils')
 
 
 def _set_attn_budget(mask_bytes=None, block_bytes=None):
@@ -28,6 +34,8 @@ _RENAMED = {'SpatialDecay': ('rmt.RelPos2d', lambda: RelPos2d),
 
 
 def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f'.{name}', __name__)
     if name in _RENAMED:  # kept for one release (see the README's changelog)
         import warnings
         new, value = _RENAMED[name]

@@ -1,4 +1,4 @@
-"""Checkpoint files: reading them safely, the weights inside, the released names, and writing files whole.
+"""Checkpoint files: reading them safely, the weights inside, and the released names.
 
 * :func:`load_checkpoint_file` reads a ``.pth`` / ``.pth.tar`` (weights-only unpickling, with
   ``argparse.Namespace`` allowed for the ``args`` that training checkpoints carry) or a
@@ -13,7 +13,6 @@
   ``load_state_dict`` take released files too; :func:`checkpoint_filter_fn` is timm's pretrained path.
 * A converted ``.safetensors`` names its model and constructor kwargs in its metadata
   (:func:`model_metadata`, :func:`read_model_metadata`).
-* :func:`atomic_write` and :class:`AtomicCheckpointSaver` never leave a partial file behind.
 
 timm's ``load_state_dict`` is not used for reading: it returns only the weights (a run's ``args``
 and a converted file's metadata are needed too), its errors do not name the file, and it reports
@@ -26,26 +25,22 @@ import logging
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from timm import utils
 from timm.models import clean_state_dict
 from timm.models._manipulate import adapt_input_conv
-from timm.utils import CheckpointSaver
 
 from .position import decay_rates, rotary_angles
 
 __all__ = [
     'load_checkpoint_file', 'weights_key', 'has_ema', 'state_dict_from_checkpoint', 'is_released', 'remap_released',
-    'released_names_hook', 'checkpoint_filter_fn', 'official_config_to_kwargs', 'model_metadata',
-    'read_model_metadata', 'atomic_write', 'atomic_torch_save', 'AtomicCheckpointSaver',
+    'released_names_hook', 'state_dict_misfit', 'checkpoint_filter_fn', 'official_config_to_kwargs', 'model_metadata',
+    'read_model_metadata',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -187,14 +182,22 @@ def remap_released(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dic
     return out
 
 
+def state_dict_misfit(state_dict: Dict[str, Any], model: nn.Module) -> Tuple[List[str], List[str], List[str]]:
+    """The keys of ``state_dict`` that keep it from loading into ``model`` strictly: ``(missing, unexpected,
+    mismatched)``, the last those whose shapes differ, in the model's order (unexpected: the state dict's)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k].shape]
+    return missing, unexpected, mismatched
+
+
 def _check_fit(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str) -> List[str]:
     """Raise ``ValueError`` naming the missing and mismatched keys; return the unexpected ones."""
     expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = sorted(
-        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
-        for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape)
+    missing, unexpected, mismatched = map(sorted, state_dict_misfit(state_dict, model))
+    mismatched = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}'
+                  for k in mismatched]
     if missing or mismatched:
         lines = [f'{source} does not fit this {type(model).__name__} model']
         if mismatched:
@@ -315,92 +318,3 @@ def read_model_metadata(path: Union[str, os.PathLike]) -> Optional[Tuple[str, Di
     except json.JSONDecodeError:
         raise RuntimeError(f'{path}: its model_kwargs metadata is not JSON: {metadata["model_kwargs"][:200]}') from None
     return metadata['model'], {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-
-
-# --- writing files whole -------------------------------------------------------------------------------
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows: directories cannot be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> None:
-    """Write a file with ``write(f)`` so that ``path`` is never partial: temporary file in the same
-    folder, fsync, rename over ``path``. On any error (or interrupt) ``path`` keeps its old contents."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's ``CheckpointSaver`` with crash-safe files and the LR scheduler's state in each checkpoint.
-
-    timm writes ``tmp`` then renames it, but unlinks the target first and never fsyncs, so a crash can
-    leave no ``last`` or a torn one on some filesystems; here every file appears whole or not at all.
-    """
-
-    def __init__(self, *args, lr_scheduler=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lr_scheduler = lr_scheduler
-
-    def _save(self, save_path, epoch, metric=None):
-        state = {
-            'epoch': epoch,
-            'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
-            'version': 2,  # the epoch stored is the last completed one
-            'state_dict': utils.get_state_dict(self.model, self.unwrap_fn),
-            'optimizer': self.optimizer.state_dict(),
-            'saver': self.state_dict(epoch, metric),
-        }
-        if self.args is not None:
-            state['args'] = self.args
-        if self.model_ema is not None:
-            state['state_dict_ema'] = utils.get_state_dict(self.model_ema, self.unwrap_fn)
-        if self.amp_scaler is not None:
-            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
-        if self.lr_scheduler is not None:
-            state['lr_scheduler'] = self.lr_scheduler.state_dict()
-        if metric is not None:
-            state['metric'] = metric
-        atomic_torch_save(state, save_path)
-
-    def _replace(self, src, dst):
-        os.replace(src, dst)  # atomic on POSIX and Windows; the target is never removed first
-        _fsync_dir(os.path.dirname(os.path.abspath(dst)))
-
-    def _duplicate(self, src, dst):
-        tmp = dst + '.tmp'
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except (OSError, NotImplementedError):
-            with open(src, 'rb') as fi, open(tmp, 'wb') as fo:
-                shutil.copyfileobj(fi, fo)
-                fo.flush()
-                os.fsync(fo.fileno())
-        self._replace(tmp, dst)

@@ -3,7 +3,7 @@
 The graph has no size-dependent branches when exported or traced: the decay and rotary tables are
 computed from the symbolic (or traced) feature sizes, the per-size cache is bypassed, the rotary
 shift is real-valued, and every stage uses ``scaled_dot_product_attention`` with a materialised
-decay mask (``select_attn_impl`` picks 'sdpa' while exporting or tracing). One exported program
+decay bias (:func:`rmt.plan_attention` picks 'sdpa' while exporting or tracing). One exported program
 therefore serves every input size in its range.
 
 Two ONNX exporters: :func:`export_onnx` (torch's dynamo exporter, from an exported program, opset

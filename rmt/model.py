@@ -131,7 +131,7 @@ class RMT(nn.Module):
         embed_dims, depths, num_heads: per-stage width, block count and MaSA heads.
         decay_exponents, heads_ranges: per-stage decay settings: head h of n decays by
             ``gamma_h = 1 - 2 ** -(decay_exponent + heads_range * h / n)`` per token of distance
-            (the released code's ``init_values`` and ``heads_ranges``; see :func:`rmt.decay.decay_rates`).
+            (the released code's ``init_values`` and ``heads_ranges``; see :func:`rmt.position.decay_rates`).
         mlp_ratios: per-stage FFN expansion.
         decomposed: per-stage flag, MaSA decomposed along rows and columns (else full attention).
         layer_scales: per-stage flag for LayerScale, initialised to ``layer_init_values``.
@@ -292,6 +292,13 @@ class RMT(nn.Module):
         self.token_label_training = enable
 
     @torch.jit.ignore
+    def output_grid(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """The last stage's token grid (h, w) for an input of ``img_size`` (H, W): the aux logits' and the
+        dense targets' grid. Every stride-2 conv (padding 1) rounds up, so each side is ceil(size / stride)."""
+        stride = 4 * 2 ** (len(self.stages) - 1)
+        return -(-int(img_size[0]) // stride), -(-int(img_size[1]) // stride)
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -397,9 +404,9 @@ class RMT(nn.Module):
         """A token-labeling training step's outputs: MixToken on the stem's tokens, then class logits
         (B, num_classes) and per-token aux logits (B, h, w, num_classes) with the box's tokens un-mixed."""
         check_input(x, self.in_chans)
+        box = sample_mixtoken_box(self.output_grid(x.shape[-2:]))
         x = self.forward_stem(x)
         scale = 2 ** (len(self.stages) - 1)  # stem tokens per last-stage token, along each side
-        box = sample_mixtoken_box((-(-x.shape[1] // scale), -(-x.shape[2] // scale)))
         x = self.stages(mix_tokens(x, box, scale))
         return TokenLabelOutput(self.head(x), unmix_tokens(self.aux_head(x), box), box)
 

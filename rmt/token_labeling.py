@@ -17,7 +17,7 @@ Pieces, in the order a training step uses them:
   ``(image, target)`` with the class, crop box and map packed in one tensor (:func:`pack_target`),
   so timm's collate and prefetching loader carry it unchanged;
 - :func:`dense_targets`: the crop target and the token targets, at the model's output grid;
-- :func:`sample_mixtoken_box`, :func:`mix_tokens`, :func:`unmix_tokens`: MixToken, for the model;
+- MixToken, which the model applies (:mod:`rmt.mixtoken`);
 - :class:`TokenLabelLoss`: the loss on the model's :class:`TokenLabelOutput` and the packed targets;
 - :class:`DenseTeacher`: a classifier applied at every feature location, to write label files.
 
@@ -43,14 +43,13 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from timm.loss import SoftTargetCrossEntropy
 
-from .mixtoken import (
-    MixTokenBox, TokenLabelOutput, mix_tokens, mixtoken_lam, sample_mixtoken_box, unmix_tokens)  # noqa: F401 (API)
+from .data import dataset_classes
+from .mixtoken import MixTokenBox, TokenLabelOutput, mixtoken_lam
 
 __all__ = [
     'LABEL_SUFFIX', 'META_FILE', 'PAPER_AUTO_AUGMENT', 'label_file_path', 'check_label_map', 'read_label_file',
     'topk_label_map', 'label_map_for_file', 'read_meta', 'read_image', 'pack_target', 'TokenLabelTargets',
     'unpack_targets', 'op_affine', 'warp_label_map', 'TokenLabelTransform', 'TokenLabelDataset', 'dense_targets',
-    'MixTokenBox', 'sample_mixtoken_box', 'mix_tokens', 'unmix_tokens', 'mixtoken_lam', 'TokenLabelOutput',
     'TokenLabelLoss', 'DenseTeacher',
 ]
 
@@ -245,7 +244,7 @@ class TokenLabelTransform:
     cuts the map with it. RandAugment is timm's (``auto_augment``, a ``rand-...`` policy; the recipe's is
     ``rand-m9-mstd0.5-inc1``), run as it is; its Rotate, Shear and Translate ops also move the map. Colour
     jitter applies only without RandAugment, as in timm and the release. With Pillow >= 13 the recipe's
-    policy needs :func:`rmt.data.allow_posterize_to_zero_bits` first (``scripts/train.py`` calls it).
+    policy needs :func:`rmt.train_utils.allow_posterize_to_zero_bits` (``scripts/train.py`` trains in it).
 
     Returns ``(image, label_map, box)``: a PIL image of ``img_size``, the ``[2, k, h, w]`` map, a 4-tuple.
     """
@@ -380,8 +379,7 @@ class TokenLabelDataset(torch.utils.data.Dataset):
 
     @property
     def classes(self) -> Optional[List[str]]:
-        class_to_idx = getattr(self.reader, 'class_to_idx', None)
-        return [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])] if class_to_idx else None
+        return dataset_classes(self.dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)

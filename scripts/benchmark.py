@@ -30,35 +30,75 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
 import timm
 
 import rmt
+from rmt.cli import (
+    ArgumentParser, available_device, default_device, model_name, non_negative_int, positive_int, run_main)
+
+
+def model_specs(text: str) -> List[str]:
+    """``--models``: comma-separated timm names, an RMT one optionally as ``name@impl`` (an attention path)."""
+    specs = [m.strip() for m in text.split(',') if m.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError(f'expected model names separated by commas, got {text!r}')
+    for spec in specs:
+        name, at, impl = spec.partition('@')
+        model_name(name)
+        if at and impl not in rmt.ATTN_IMPLS:
+            raise argparse.ArgumentTypeError(f'{spec!r}: attention path {impl!r} is not one of '
+                                             f'{", ".join(rmt.ATTN_IMPLS)}')
+        if at and not isinstance(timm.create_model(name, device='meta'), rmt.RMT):
+            raise argparse.ArgumentTypeError(f'{spec!r}: only RMT models have attention paths to choose')
+    return specs
+
+
+def mode_list(text: str) -> List[str]:
+    modes = [m.strip() for m in text.split(',') if m.strip()]
+    if not modes or any(m not in ('infer', 'train') for m in modes):
+        raise argparse.ArgumentTypeError(f'expected infer, train or infer,train, got {text!r}')
+    return modes
+
+
+def size_list(text: str) -> List[Tuple[int, int]]:
+    """Comma-separated sizes, each N (N x N) or HxW."""
+    try:
+        sizes = [parse_size(s.strip()) for s in str(text).split(',') if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(min(s) for s in sizes) < 1:
+        raise argparse.ArgumentTypeError(f'expected sizes N or HxW (positive, comma-separated, e.g. 224,800x1344), '
+                                         f'got {text!r}')
+    return sizes
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--models', default='rmt_s,swin_tiny_patch4_window7_224,convnext_tiny')
-    p.add_argument('--modes', default='infer,train', help='comma list of infer, train')
-    p.add_argument('-b', '--batch-size', type=int, default=8)
-    p.add_argument('--train-batch-size', type=int, default=None, help='batch of training steps (default: -b)')
-    p.add_argument('--img-size', default='224', help='N for N x N, or HxW')
-    p.add_argument('--resolutions', default=None, help='comma list of sizes (N or HxW); overrides --img-size')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--models', type=model_specs, default='rmt_s,swin_tiny_patch4_window7_224,convnext_tiny',
+                   help='comma list of timm model names; name@impl runs an RMT model on that attention path')
+    p.add_argument('--modes', type=mode_list, default='infer,train', help='comma list of infer, train')
+    p.add_argument('-b', '--batch-size', type=positive_int, default=8)
+    p.add_argument('--train-batch-size', type=positive_int, default=None,
+                   help='batch of training steps (default: -b)')
+    p.add_argument('--img-size', type=size_list, default='224', help='N for N x N, or HxW')
+    p.add_argument('--resolutions', type=size_list, default=None,
+                   help='comma list of sizes (N or HxW); overrides --img-size')
+    p.add_argument('--device', type=available_device, default=default_device())
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'],
                    help='autocast dtype (float32: no autocast)')
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
     p.add_argument('--grad-checkpointing', action='store_true')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads')
+    p.add_argument('--warmup', type=non_negative_int, default=2)
+    p.add_argument('--rounds', type=positive_int, default=5)
     p.add_argument('--no-memory', action='store_true', help='skip the per-model memory subprocesses')
     p.add_argument('--no-flops', action='store_true')
-    p.add_argument('--profile', type=int, default=0, metavar='N',
+    p.add_argument('--profile', type=non_negative_int, default=0, metavar='N',
                    help='after timing, profile one step of each model and print its N costliest operators')
     p.add_argument('--out', default='benchmarks/results', help='folder for the CSV and JSON')
     p.add_argument('--name', default=None, help='file stem for the CSV/JSON (default: a timestamp)')
@@ -89,6 +129,16 @@ def build(spec: str, args, size):
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def model_and_input(spec: str, args, mode: str, size):
+    """The model of ``spec`` (seeded, on the device) and a random batch for ``mode`` at ``size``."""
+    torch.manual_seed(0)
+    model = build(spec, args, size)
+    x = torch.randn(batch_size(args, mode), 3, *size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, x
 
 
 def make_step(model, args, mode: str, x: torch.Tensor):
@@ -136,11 +186,7 @@ def memory_child(spec: str, args) -> None:
     """Run a few steps of one model in this fresh process and print its peak memory as JSON."""
     name, mode, size = spec.split('|')
     size = parse_size(size)
-    torch.manual_seed(0)
-    model = build(name, args, size)
-    x = torch.randn(batch_size(args, mode), 3, *size, device=args.device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    model, x = model_and_input(name, args, mode, size)
     step = make_step(model, args, mode, x)
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
@@ -325,9 +371,7 @@ def main(argv=None) -> None:
     if args.memory_child:
         memory_child(args.memory_child, args)
         return
-    models = [m.strip() for m in args.models.split(',') if m.strip()]
-    modes = [m.strip() for m in args.modes.split(',') if m.strip()]
-    sizes = [parse_size(s) for s in (args.resolutions or args.img_size).split(',')]
+    models, modes, sizes = args.models, args.modes, args.resolutions or args.img_size
     peak = matmul_peak(args.device, getattr(torch, args.dtype), n=8192 if args.device.startswith('cuda') else 2048)
     name = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'cpu'
     print(f'device {args.device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, '
@@ -340,11 +384,7 @@ def main(argv=None) -> None:
         for mode in modes:
             entries = []
             for name in models:
-                torch.manual_seed(0)
-                model = build(name, args, size)
-                x = torch.randn(batch_size(args, mode), 3, *size, device=args.device)
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                model, x = model_and_input(name, args, mode, size)
                 flops = float('nan') if args.no_flops else step_flops(model, args, mode, size)
                 step = make_step(model, args, mode, x)
                 for _ in range(args.warmup):
@@ -411,4 +451,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -12,7 +12,6 @@ converted weights must give exactly the outputs of the model loaded from the ori
 file is written atomically. Load the result with
 ``timm.create_model('rmt_s', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.safetensors'))``.
 """
-import argparse
 import logging
 import os
 
@@ -22,26 +21,27 @@ from safetensors.torch import load as safetensors_load, save as safetensors_save
 from timm import utils
 from timm.models import create_model
 
-from rmt.checkpoint import (
-    atomic_write, checkpoint_filter_fn, has_ema, model_metadata, state_dict_from_checkpoint, weights_key)
+from rmt import RMT
+from rmt.checkpoint import checkpoint_filter_fn, has_ema, model_metadata, state_dict_from_checkpoint, weights_key
 from rmt.cli import (
-    ScriptError, add_model_args, describe_weights, model_kwargs_from_args, read_checkpoint, run_main, saved_settings)
+    ArgumentParser, ScriptError, add_model_args, describe_weights, model_kwargs_from_args, model_name, positive_int,
+    read_checkpoint, require_model, run_main, saved_settings)
+from rmt.train_utils import atomic_write
 
 _logger = logging.getLogger('convert')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Released RMT checkpoint to a verified .safetensors state dict')
-    p.add_argument('input', help='checkpoint: released .pth, or one written by scripts/train.py')
-    p.add_argument('output', help='.safetensors file to write')
-    p.add_argument('--model', default=None, help='rmt_t, rmt_s, rmt_b or rmt_l (default: from our checkpoints)')
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description='Released RMT checkpoint to a verified .safetensors state dict')
+    p.add_argument('input', metavar='INPUT', help='checkpoint: released .pth, or one written by scripts/train.py')
+    p.add_argument('output', metavar='OUTPUT', help='.safetensors file to write')
+    p.add_argument('--model', type=model_name, default=None,
+                   help='rmt_t, rmt_s, rmt_b or rmt_l (default: from our checkpoints)')
     add_model_args(p)
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument('--use-ema', action='store_true', default=False,
-                         help='take the EMA weights (model_ema / state_dict_ema) instead of the plain ones')
-    weights.add_argument('--no-ema', action='store_true', default=False,
-                         help='take the plain weights (the default, kept for older command lines)')
-    p.add_argument('--verify-size', type=int, default=224, help='image size of the output check (default: 224)')
+    p.add_argument('--use-ema', action='store_true', default=False,
+                   help='take the EMA weights (model_ema / state_dict_ema) instead of the plain ones')
+    p.add_argument('--verify-size', type=positive_int, default=224,
+                   help='image size of the output check (default: 224)')
     return p
 
 
@@ -63,17 +63,17 @@ def main(argv=None):
     utils.setup_default_logging()
     args = build_parser().parse_args(argv)
     if not args.output.endswith('.safetensors'):
-        raise ScriptError(f'output {args.output} should end in .safetensors')
-    state = read_checkpoint(args.input)
+        raise ScriptError(f'OUTPUT {args.output}: expected a file name ending in .safetensors')
+    if os.path.isdir(args.output):
+        raise ScriptError(f'OUTPUT {args.output}: a folder, expected a .safetensors file to write')
+    state = read_checkpoint(args.input, 'INPUT')
     if args.use_ema and not has_ema(state):
         raise ScriptError(f'--use-ema: {args.input} has no EMA weights')
     key = weights_key(state, args.use_ema)
     weights = state_dict_from_checkpoint(state, args.use_ema)
 
     trained = saved_settings(args.input, state)
-    name = args.model or trained.get('model')
-    if not name:
-        raise ScriptError('--model is required (e.g. --model rmt_s)')
+    name = require_model(args.model or trained.get('model'))
     kwargs = dict(trained.get('model_kwargs') or {})
     kwargs.update(model_kwargs_from_args(args))
     for k in ('head.fc.weight', 'head.weight'):  # ours, released
@@ -84,6 +84,8 @@ def main(argv=None):
         kwargs['token_label'] = True
 
     original = _create(name, kwargs)
+    if not isinstance(original, RMT):
+        raise ScriptError(f'--model {name}: this script converts RMT checkpoints (rmt_t, rmt_s, rmt_b, rmt_l)')
     _load(original, weights, args.input)
     clean = {k: v.detach().clone().contiguous() for k, v in original.state_dict().items()}
     _logger.info(f'{args.input}: converting {describe_weights(state, args.use_ema)}, {len(clean)} tensors, '
@@ -100,12 +102,15 @@ def main(argv=None):
     if not torch.equal(expected, got):
         diff = (expected - got).abs().max().item()
         raise ScriptError(f'verification failed: outputs differ by up to {diff:.3g}; {args.output} not written')
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    atomic_write(args.output, lambda f: f.write(data))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        atomic_write(args.output, lambda f: f.write(data))
+    except OSError as e:
+        raise ScriptError(f'OUTPUT {args.output}: cannot write it ({e.strerror})') from None
     _logger.info(f'Wrote {args.output} ({name}, weights {metadata["weights"]!r}): outputs at {args.verify_size} px '
                  f'identical to the original\'s')
     return args.output
 
 
 if __name__ == '__main__':
-    run_main(main, _logger)
+    run_main(main)

@@ -17,7 +17,7 @@ the classic exporter (``torch.onnx.export(..., dynamo=False)``); the opset print
 back from the file. Exits with status 1 when an output differs from eager by more than ``--tol``.
 """
 import argparse
-import logging
+import importlib.util
 import os
 import sys
 import time
@@ -25,13 +25,14 @@ import warnings
 
 import torch
 
-from rmt.cli import ScriptError, add_model_args, build_model, run_main
+from rmt.cli import (
+    ArgumentParser, ScriptError, add_model_args, build_model, model_name, non_negative_float, non_negative_int,
+    positive_int, run_main)
 from rmt.export import (
     DEFAULT_OPSET, DYNAMO_MIN_OPSET, MIN_SIZE, export_onnx, export_onnx_traced, export_program, max_abs_diff,
     onnx_opset)
 
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
-_logger = logging.getLogger('export')
 
 
 def _size(text):
@@ -52,20 +53,20 @@ def build(args):
 
 
 def _opset(text):
-    opset = int(text)
+    opset = positive_int(text)
     if opset < 17:
         raise argparse.ArgumentTypeError(f'opset {opset} is too old: use 17 or later')
     return opset
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default=None,
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', type=model_name, default=None,
                         help='timm model name (rmt_t, rmt_s, rmt_b, rmt_l; default: a converted --checkpoint\'s, '
                              'else rmt_t)')
     parser.add_argument('--checkpoint', default='', help='weights: a released RMT checkpoint or one of ours')
     add_model_args(parser)
-    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--num-classes', type=non_negative_int, default=None)
     parser.add_argument('--features-only', action='store_true', help='export the backbone: stage features')
     parser.add_argument('--feature-norm', action='store_true', help='per-stage LayerNorm on the features')
     parser.add_argument('--out-dir', default='.', help='where MODEL.pt2 and MODEL.onnx go')
@@ -76,15 +77,26 @@ def main(argv=None):
     parser.add_argument('--static-batch', action='store_true', help='fix the batch size to --batch')
     parser.add_argument('--export-size', type=_size, default=(224, 224), metavar='HxW',
                         help='example input size traced for the export')
-    parser.add_argument('--batch', type=int, default=2, help='example batch size (>= 2 for a dynamic batch)')
+    parser.add_argument('--batch', type=positive_int, default=2, help='example batch size (>= 2 for a dynamic batch)')
     parser.add_argument('--check-sizes', type=_size, nargs='*', metavar='HxW',
                         default=[(224, 224), (97, 161), (320, 256)],
                         help='sizes at which outputs are compared with the eager model')
-    parser.add_argument('--tol', type=float, default=1e-4, help='largest allowed max abs difference')
+    parser.add_argument('--tol', type=non_negative_float, default=1e-4, help='largest allowed max abs difference')
     args = parser.parse_args(argv)
+    if args.batch < 2 and not args.static_batch:
+        raise ScriptError(f'--batch {args.batch}: a dynamic batch is traced with an example batch of at least 2 '
+                          f'(export specialises size 1); or add --static-batch')
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ScriptError(f'--out-dir {args.out_dir}: a file, expected a folder')
+    missing = [m for m in ('onnx', 'onnxruntime', 'onnxscript') if importlib.util.find_spec(m) is None]
+    if missing and not args.no_onnx:
+        raise ScriptError(f'ONNX export needs {", ".join(missing)}: pip install it, or add --no-onnx')
 
     model = build(args)
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ScriptError(f'--out-dir {args.out_dir}: cannot create it ({e.strerror})') from None
     architecture = model.pretrained_cfg['architecture']  # --model, or the one a converted --checkpoint names
     stem = os.path.join(args.out_dir, args.name or architecture + ('_features' if args.features_only else ''))
     torch.manual_seed(0)
@@ -140,4 +152,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    run_main(main, _logger)
+    run_main(main)

@@ -11,12 +11,14 @@ attention matmuls; elementwise ops not counted). Fused attention is counted as t
 replaces, so every attention path (``--impl``) gives the same count.
 """
 import argparse
+import importlib.util
 import time
 import warnings
 
 import timm
 
 import rmt
+from rmt.cli import ArgumentParser, ScriptError, model_name, non_negative_int, positive_int, run_main
 from rmt.flops import count_flops
 
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
@@ -28,15 +30,24 @@ RELEASED_PARAMS = {'rmt_t': 14_334_216, 'rmt_s': 26_967_240, 'rmt_b': 54_154_896
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=list(RELEASED_GFLOPS), help='timm model names')
-    parser.add_argument('--size', nargs=2, type=int, default=(224, 224), metavar=('H', 'W'), help='input size')
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', type=model_name, default=list(RELEASED_GFLOPS), help='timm model names')
+    parser.add_argument('--size', nargs=2, type=positive_int, default=(224, 224), metavar=('H', 'W'),
+                        help='input size')
     parser.add_argument('--impl', default='auto', choices=rmt.ATTN_IMPLS, help='attention path to trace')
     parser.add_argument('--cross-check', action='store_true',
                         help="also count with the 'reference' attention (explicit matmuls, as the released code)")
     parser.add_argument('--per-module', action='store_true', help="also print fvcore's per-module table")
-    parser.add_argument('--max-depth', type=int, default=2, help='depth of the per-module table')
+    parser.add_argument('--max-depth', type=non_negative_int, default=2, help='depth of the per-module table')
     args = parser.parse_args(argv)
+    if importlib.util.find_spec('fvcore') is None:
+        raise ScriptError('counting FLOPs needs fvcore: pip install fvcore')
+    if args.impl != 'auto' or args.cross_check:
+        other = [m for m in args.models if not isinstance(timm.create_model(m, device='meta'), rmt.RMT)]
+        if other:
+            flag = f'--impl {args.impl}' if args.impl != 'auto' else '--cross-check'
+            raise ScriptError(f'{flag}: {", ".join(other)} has no RMT attention paths to choose; leave the flag out '
+                              f'for non-RMT models')
 
     at_224 = tuple(args.size) == (224, 224)
     print(f'input 3x{args.size[0]}x{args.size[1]}, batch 1, attention path {args.impl!r}; '
@@ -54,7 +65,8 @@ def main(argv=None):
     tables = []
     for name in args.models:
         model = timm.create_model(name)
-        model.set_attn_impl(args.impl)
+        if isinstance(model, rmt.RMT):
+            model.set_attn_impl(args.impl)
         start = time.perf_counter()
         params, flops, table = count_flops(model, (3, *args.size), max_depth=args.max_depth)
         elapsed = time.perf_counter() - start
@@ -79,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

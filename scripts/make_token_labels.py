@@ -19,33 +19,28 @@ are written atomically; ``--skip-existing`` continues an interrupted run.
 ``--verify`` reads every label file of DATA's images instead: present, readable, one shape, ids below
 ``--num-classes``.
 """
-import argparse
 import json
 import logging
 import os
 import time
-from contextlib import suppress
-from functools import partial
 
 import torch
 
 from timm import utils
 from timm.data import create_transform, resolve_data_config
 
-from rmt.checkpoint import atomic_torch_save
 from rmt.cli import (
-    ScriptError, add_model_args, apply_saved_settings, build_model, default_device, default_workers, load_weights,
-    run_main)
-from rmt.data import dataset_classes, open_dataset
+    ArgumentParser, ScriptError, add_amp_args, add_model_args, apply_saved_settings, autocast_for, available_device,
+    build_model, data_workers, default_device, default_workers, finite_float, load_weights, model_name, open_split,
+    positive_float, positive_int, run_main)
+from rmt.data import dataset_classes
 from rmt.token_labeling import (
     META_FILE, DenseTeacher, TokenLabelDataset, label_file_path, label_map_for_file, read_image, read_meta,
     topk_label_map)
 
-_logger = logging.getLogger('make_token_labels')
+from rmt.train_utils import atomic_torch_save
 
-# settings a checkpoint written by scripts/train.py (or a converted file) supplies when they are not given
-FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'img_size', 'input_size', 'interpolation', 'mean',
-                 'std')
+_logger = logging.getLogger('make_token_labels')
 
 
 class TeacherInputs(torch.utils.data.Dataset):
@@ -76,53 +71,51 @@ class LabelFiles(torch.utils.data.Dataset):
         return i
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Write (or --verify) token-labeling label files for an image folder',
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description='Write (or --verify) token-labeling label files for an image folder',
                                 allow_abbrev=False)
     p.add_argument('data', metavar='DATA', help='image folder: DATA/<class>/<image>')
     p.add_argument('labels', metavar='LABELS', help='label folder to write (or check): LABELS/<class>/<image>.pt')
     p.add_argument('--verify', action='store_true', default=False, help='check the label files instead of writing')
-    p.add_argument('--model', default=None, metavar='NAME', help='teacher: any timm model name (or rmt_*)')
+    p.add_argument('--model', type=model_name, default=None, metavar='NAME',
+                   help='teacher: any timm model name (or rmt_*)')
     p.add_argument('--pretrained', action='store_true', default=False, help="the timm model's pretrained weights")
     p.add_argument('--checkpoint', default='', metavar='FILE',
                    help='teacher weights: a checkpoint of scripts/train.py, a released RMT .pth, or .safetensors')
     p.add_argument('--use-ema', action='store_true', default=False, help='the EMA weights of the checkpoint')
     add_model_args(p)
-    p.add_argument('--num-classes', type=int, default=None, help="teacher classes (default: the checkpoint's)")
-    p.add_argument('--in-chans', type=int, default=None)
+    p.add_argument('--num-classes', type=positive_int, default=None, help="teacher classes (default: the checkpoint's)")
+    p.add_argument('--in-chans', type=positive_int, default=None)
     p.add_argument('--dense-head', default='classifier', choices=('classifier', 'aux'),
                    help="per-location classifier: the model's head, or a *_tl RMT's aux head")
-    p.add_argument('--img-size', type=int, default=None, metavar='N',
+    p.add_argument('--img-size', type=positive_int, default=None, metavar='N',
                    help="teacher input size (default: the size a training checkpoint was trained at, else the model's)")
-    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'))
+    p.add_argument('--input-size', default=None, nargs=3, type=positive_int, metavar=('C', 'H', 'W'))
     p.add_argument('--crop-mode', default='squash', choices=('squash', 'center'),
                    help='squash: the whole image (default); center: the centre square, as the released set')
     p.add_argument('--interpolation', default=None, type=str)
-    p.add_argument('--mean', type=float, nargs='+', default=None)
-    p.add_argument('--std', type=float, nargs='+', default=None)
-    p.add_argument('--topk', type=int, default=5, metavar='K', help='scores kept per location (default: 5)')
+    p.add_argument('--mean', type=finite_float, nargs='+', default=None)
+    p.add_argument('--std', type=positive_float, nargs='+', default=None)
+    p.add_argument('--topk', type=positive_int, default=5, metavar='K', help='scores kept per location (default: 5)')
     p.add_argument('--skip-existing', action='store_true', default=False, help='keep label files already written')
     p.add_argument('--any-classes', action='store_true', default=False,
                    help="allow a teacher whose class count differs from the folder's (its ids are written as they are)")
-    p.add_argument('-b', '--batch-size', type=int, default=64)
-    p.add_argument('-j', '--workers', type=int, default=default_workers(),
-                   help='data-loading processes (default: 4, or the number of cores if fewer)')
-    p.add_argument('--log-interval', type=int, default=50, metavar='N', help='log progress every N batches')
-    p.add_argument('--device', default=default_device(), help='default: cuda when available, else cpu')
-    p.add_argument('--amp', action='store_true', default=False)
-    p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    p.add_argument('-b', '--batch-size', type=positive_int, default=64)
+    p.add_argument('-j', '--workers', type=data_workers, default=default_workers(),
+                   help='data-loading processes, at most the number of cores (default: 4, or the cores if fewer)')
+    p.add_argument('--log-interval', type=positive_int, default=50, metavar='N', help='log progress every N batches')
+    p.add_argument('--device', type=available_device, default=default_device(),
+                   help='default: cuda when available, else cpu')
+    add_amp_args(p)
     return p
 
 
 def build_teacher(args) -> torch.nn.Module:
     """The teacher, its weights loaded, with a check that its classifier came from the weights it was given."""
-    state = apply_saved_settings(args, FROM_TRAINING)
-    if not args.model:
-        raise ScriptError('--model is required (only checkpoints written by scripts/train.py and files converted by '
-                          'scripts/convert_checkpoint.py name their model)')
+    state = apply_saved_settings(args)
     if not (args.pretrained or args.checkpoint):
         raise ScriptError('the teacher needs weights: --pretrained (timm\'s) or --checkpoint FILE')
-    model = build_model(args, args.num_classes)
+    model = build_model(args, args.num_classes, weights_flag='--checkpoint')
     pretrained_classes = model.pretrained_cfg.get('num_classes')
     if args.pretrained and not args.checkpoint and args.num_classes not in (None, pretrained_classes):
         raise ScriptError(f'--num-classes {args.num_classes}: the pretrained {args.model} has {pretrained_classes} '
@@ -143,16 +136,16 @@ def build_teacher(args) -> torch.nn.Module:
 
 
 def verify(args) -> dict:
-    dataset = open_dataset(args, 'train', False, require_split=False)
+    dataset = open_split(args, 'train', False, require_split=False)
     try:
         labels = TokenLabelDataset(dataset, args.labels, args.num_classes)
     except (OSError, ValueError) as e:
-        raise ScriptError(str(e)) from None
+        raise ScriptError(f'LABELS {args.labels}: {e}') from None
     loader = torch.utils.data.DataLoader(LabelFiles(labels), batch_size=256, num_workers=args.workers, collate_fn=len)
     try:
         count = sum(loader)
     except (OSError, ValueError) as e:
-        raise ScriptError(str(e)) from None
+        raise ScriptError(f'LABELS {args.labels}: {e}') from None
     result = dict(images=len(labels), label_files=count, shape=list(labels.label_shape), labels=args.labels)
     _logger.info(f'{count} label files for the {len(labels)} images, all readable, shape {list(labels.label_shape)}'
                  + (f', ids below {args.num_classes}' if args.num_classes else ''))
@@ -161,7 +154,7 @@ def verify(args) -> dict:
 
 def write_labels(args) -> dict:
     teacher = build_teacher(args)
-    dataset = open_dataset(args, 'train', False, require_split=False)
+    dataset = open_split(args, 'train', False, require_split=False)
     root = getattr(getattr(dataset, 'reader', None), 'root', args.data)
     classes = dataset_classes(dataset)
     try:
@@ -194,9 +187,7 @@ def write_labels(args) -> dict:
 
     device = torch.device(args.device)
     dense.to(device)
-    amp_autocast = partial(torch.autocast, device_type=device.type,
-                           dtype=torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) \
-        if args.amp else suppress
+    amp_autocast, _ = autocast_for(args, device)
     loader = torch.utils.data.DataLoader(TeacherInputs(dataset, todo, transform), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == 'cuda')
     os.makedirs(args.labels, exist_ok=True)
@@ -234,7 +225,10 @@ def main(argv=None) -> dict:
     utils.setup_default_logging()
     args = build_parser().parse_args(argv)
     if not os.path.isdir(args.data):
-        raise ScriptError(f'{args.data}: no such image folder')
+        found = 'a file, expected' if os.path.exists(args.data) else 'no such'
+        raise ScriptError(f'DATA {args.data}: {found} image folder (DATA/<class>/<image>)')
+    if os.path.exists(args.labels) and not os.path.isdir(args.labels):
+        raise ScriptError(f'LABELS {args.labels}: a file, expected a folder of label files')
     # open_dataset's names: the folder is read as it is (no split sub-folder is required)
     args.data_dir, args.dataset, args.seed = args.data, '', 0
     result = verify(args) if args.verify else write_labels(args)
@@ -243,4 +237,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    run_main(main, _logger)
+    run_main(main)

@@ -30,6 +30,7 @@ import timm
 from timm.models import _registry
 
 import rmt  # noqa: F401  (registers the models)
+from rmt.cli import ArgumentParser, ScriptError, run_main
 
 NETWORK_TESTS = ('test_model_load_pretrained', 'test_model_features_pretrained', 'test_model_inference')
 # markers that timm registers in its pyproject.toml, and pytest-timeout's
@@ -48,10 +49,15 @@ def fetch_test_file(version: str, cache_dir: str) -> str:
         cmd = [sys.executable, '-m', 'pip', 'download', f'timm=={version}', '--no-binary', ':all:', '--no-deps',
                '--quiet', '-d', cache_dir]
         print('fetching timm\'s tests:', ' '.join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-    with tarfile.open(archive) as tar:
-        member = tar.getmember(f'timm-{version}/tests/test_models.py')
-        data = tar.extractfile(member).read()
+        if subprocess.run(cmd).returncode != 0 or not os.path.isfile(archive):
+            raise ScriptError(f'cannot fetch timm {version}\'s tests with pip download (offline?): give an unpacked '
+                              f'timm source with --timm-src DIR or its tests/test_models.py with --test-file FILE')
+    try:
+        with tarfile.open(archive) as tar:
+            data = tar.extractfile(tar.getmember(f'timm-{version}/tests/test_models.py')).read()
+    except (tarfile.TarError, KeyError, OSError) as e:
+        raise ScriptError(f'{archive}: not a timm source archive with tests/test_models.py ({e}); delete it or give '
+                          f'--timm-src / --test-file') from None
     with open(target + '.tmp', 'wb') as f:
         f.write(data)
     os.replace(target + '.tmp', target)
@@ -114,7 +120,7 @@ class ContractPlugin:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument('--timm-src', default='', metavar='DIR', help='an unpacked timm source tree of the '
                                                                       'installed version (sdist or git checkout)')
@@ -135,12 +141,13 @@ def main(argv=None) -> int:
     else:
         test_file = fetch_test_file(timm.__version__, args.cache_dir)
     if not os.path.isfile(test_file):
-        parser.error(f'no such test file: {test_file}')
+        flag = f'--test-file {args.test_file}' if args.test_file else f'--timm-src {args.timm_src}'
+        raise ScriptError(f'{flag}: no such test file {test_file}')
 
     plugin = ContractPlugin([p.strip() for p in args.models.split(',') if p.strip()], args.network,
                             not args.no_feat_inter)
     if not plugin.targets:
-        parser.error(f'no registered timm model matches {args.models!r}')
+        raise ScriptError(f'--models {args.models}: no registered timm model matches (e.g. rmt_*, rmt_s)')
     if not args.network:
         os.environ['HF_HUB_OFFLINE'] = '1'
     print(f'timm {timm.__version__}: {test_file} on {", ".join(plugin.targets)}', flush=True)
@@ -163,4 +170,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -5,7 +5,7 @@ Takes timm's ``train.py`` flags with the same names and meanings (``--config FIL
 them; the command line wins) and is built from timm's library: datasets, loaders, transforms and
 Mixup from ``timm.data``, losses from ``timm.loss``, ``create_optimizer_v2``, ``create_scheduler_v2``,
 EMA, loss scaling, checkpoint saving, ``summary.csv`` and distributed set-up from ``timm.utils``;
-what the scripts share comes from ``rmt.cli``, ``rmt.data``, ``rmt.evaluate`` and ``rmt.checkpoint``.
+what the scripts share comes from ``rmt.cli``, ``rmt.data``, ``rmt.evaluate`` and ``rmt.train_utils``.
 
     python scripts/train.py --config configs/rmt_t_in1k.yaml --data-dir /data/imagenet
     torchrun --nproc-per-node 8 scripts/train.py --config configs/rmt_s_in1k.yaml --data-dir /data/imagenet
@@ -26,7 +26,9 @@ the run with a message naming the step.
 """
 import argparse
 import csv
+import difflib
 import logging
+import math
 import os
 import sys
 import time
@@ -45,23 +47,24 @@ from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_confi
 from timm.data.random_erasing import RandomErasing
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import clean_state_dict, model_parameters, safe_model_name
-from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from rmt.checkpoint import AtomicCheckpointSaver
 from rmt.cli import (
-    ScriptError, add_model_args, build_model, default_device, default_workers, model_kwargs_from_args,
-    parse_args_with_config, read_checkpoint, run_main)
-from rmt.data import (
-    allow_posterize_to_zero_bits, check_num_classes, create_eval_loader, dataset_classes, open_dataset)
+    ArgumentParser, ScriptError, add_amp_args, add_model_args, autocast_for, available_device, build_model,
+    check_fits, check_num_classes, data_workers, default_device, default_workers, finite_float, model_kwargs_from_args,
+    model_name, non_negative_float, non_negative_int, open_split, parse_args_with_config, positive_float, positive_int,
+    probability, read_checkpoint, run_main)
+from rmt.data import create_eval_loader, dataset_classes
 from rmt.evaluate import evaluate
 from rmt.token_labeling import TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, read_meta
+from rmt.train_utils import AtomicCheckpointSaver, allow_posterize_to_zero_bits
 
 _logger = logging.getLogger('train')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Train or fine-tune RMT with timm', allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description='Train or fine-tune RMT with timm', allow_abbrev=False)
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag values (flags override it)')
     g = p.add_argument_group('data')
     g.add_argument('--data-dir', metavar='DIR', help='dataset root (image folder: train/ and validation/ or val/)')
@@ -70,22 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-split', metavar='NAME', default='validation', help='"" to train without validation')
     g.add_argument('--dataset-download', action='store_true', default=False)
     g.add_argument('--class-map', default='', metavar='FILE', help='class name to index mapping file')
-    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='classes (default: the model\'s)')
-    g.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (default: the model\'s)')
-    g.add_argument('--in-chans', type=int, default=None, metavar='N')
-    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'))
-    g.add_argument('--crop-pct', default=None, type=float, metavar='PCT', help='validation centre-crop fraction')
-    g.add_argument('--mean', type=float, nargs='+', default=None)
-    g.add_argument('--std', type=float, nargs='+', default=None)
+    g.add_argument('--num-classes', type=positive_int, default=None, metavar='N',
+                   help='classes (default: the model\'s)')
+    g.add_argument('--img-size', type=positive_int, default=None, metavar='N',
+                   help='image size (default: the model\'s)')
+    g.add_argument('--in-chans', type=positive_int, default=None, metavar='N')
+    g.add_argument('--input-size', default=None, nargs=3, type=positive_int, metavar=('C', 'H', 'W'))
+    g.add_argument('--crop-pct', default=None, type=positive_float, metavar='PCT',
+                   help='validation centre-crop fraction')
+    g.add_argument('--mean', type=finite_float, nargs='+', default=None)
+    g.add_argument('--std', type=positive_float, nargs='+', default=None)
     g.add_argument('--interpolation', default='', type=str)
-    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
-    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
-    g.add_argument('-j', '--workers', type=int, default=default_workers(), metavar='N',
-                   help='data-loading processes per process (default: 4, or the number of cores if fewer)')
+    g.add_argument('-b', '--batch-size', type=positive_int, default=128, metavar='N', help='batch size per process')
+    g.add_argument('-vb', '--validation-batch-size', type=positive_int, default=None, metavar='N')
+    g.add_argument('-j', '--workers', type=data_workers, default=default_workers(), metavar='N',
+                   help='data-loading processes per process, at most the number of cores (default: 4, or the cores '
+                        'if fewer)')
     g.add_argument('--pin-mem', action='store_true', default=False)
     g.add_argument('--no-prefetcher', action='store_true', default=False)
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='rmt_t', metavar='NAME')
+    g.add_argument('--model', type=model_name, default='rmt_t', metavar='NAME')
     g.add_argument('--pretrained', action='store_true', default=False, help='start from the pretrained weights')
     g.add_argument('--pretrained-path', default=None, metavar='FILE',
                    help='load FILE (released RMT .pth, ours, .safetensors) as the pretrained weights; '
@@ -94,59 +101,61 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', default='', metavar='FILE',
                    help='resume a run from its checkpoint (last.pth.tar); it continues in that folder')
     g.add_argument('--no-resume-opt', action='store_true', default=False, help='resume weights but not optimizer')
-    g.add_argument('--start-epoch', default=None, type=int, metavar='N', help='override the resumed epoch')
+    g.add_argument('--start-epoch', default=None, type=non_negative_int, metavar='N', help='override the resumed epoch')
     g.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type')
-    g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='classifier dropout')
-    g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate')
+    g.add_argument('--drop', type=probability, default=0.0, metavar='PCT', help='classifier dropout')
+    g.add_argument('--drop-path', type=probability, default=None, metavar='PCT', help='stochastic depth rate')
     add_model_args(g)
     g.add_argument('--grad-checkpointing', action='store_true', default=False)
     g.add_argument('--channels-last', action='store_true', default=False)
     g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--opt', default='sgd', type=str, metavar='NAME')
-    g.add_argument('--opt-eps', default=None, type=float)
-    g.add_argument('--opt-betas', default=None, type=float, nargs='+')
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=2e-5)
-    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
-    g.add_argument('--clip-mode', type=str, default='norm', help='"norm", "value" or "agc"')
-    g.add_argument('--layer-decay', type=float, default=None)
-    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
-    g.add_argument('--sched', type=str, default='cosine', metavar='NAME')
+    g.add_argument('--opt', default='sgd', type=optimizer_name, metavar='NAME', help="timm optimizer, e.g. sgd, adamw")
+    g.add_argument('--opt-eps', default=None, type=positive_float)
+    g.add_argument('--opt-betas', default=None, type=probability, nargs='+')
+    g.add_argument('--momentum', type=non_negative_float, default=0.9)
+    g.add_argument('--weight-decay', type=non_negative_float, default=2e-5)
+    g.add_argument('--clip-grad', type=positive_float, default=None, metavar='NORM')
+    g.add_argument('--clip-mode', type=str, default='norm', choices=('norm', 'value', 'agc'))
+    g.add_argument('--layer-decay', type=positive_float, default=None)
+    g.add_argument('--grad-accum-steps', type=positive_int, default=1, metavar='N')
+    g.add_argument('--sched', type=str, default='cosine', metavar='NAME',
+                   choices=('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'constant', 'rsqrt'))
     g.add_argument('--sched-on-updates', action='store_true', default=False, help='step the LR every update')
-    g.add_argument('--lr', type=float, default=None, help='learning rate (default: from --lr-base)')
-    g.add_argument('--lr-base', type=float, default=0.1, help='lr = lr_base * global batch / lr_base_size')
-    g.add_argument('--lr-base-size', type=int, default=256)
-    g.add_argument('--lr-base-scale', type=str, default='', help='"linear" or "sqrt" (default: by optimizer)')
-    g.add_argument('--warmup-lr', type=float, default=1e-5)
-    g.add_argument('--min-lr', type=float, default=0.)
-    g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--lr', type=positive_float, default=None, help='learning rate (default: from --lr-base)')
+    g.add_argument('--lr-base', type=positive_float, default=0.1, help='lr = lr_base * global batch / lr_base_size')
+    g.add_argument('--lr-base-size', type=positive_int, default=256)
+    g.add_argument('--lr-base-scale', type=str, default='', choices=('', 'linear', 'sqrt'),
+                   help='"linear" or "sqrt" (default: by optimizer)')
+    g.add_argument('--warmup-lr', type=non_negative_float, default=1e-5)
+    g.add_argument('--min-lr', type=non_negative_float, default=0.)
+    g.add_argument('--epochs', type=positive_int, default=300)
+    g.add_argument('--warmup-epochs', type=non_negative_int, default=5)
     g.add_argument('--warmup-prefix', action='store_true', default=False)
-    g.add_argument('--cooldown-epochs', type=int, default=0)
-    g.add_argument('--decay-epochs', type=float, default=90)
-    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
-    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
-    g.add_argument('--patience-epochs', type=int, default=10)
+    g.add_argument('--cooldown-epochs', type=non_negative_int, default=0)
+    g.add_argument('--decay-epochs', type=positive_float, default=90)
+    g.add_argument('--decay-milestones', type=non_negative_int, nargs='+', default=[90, 180, 270])
+    g.add_argument('--decay-rate', '--dr', type=positive_float, default=0.1)
+    g.add_argument('--patience-epochs', type=non_negative_int, default=10)
     g = p.add_argument_group('augmentation and regularisation')
     g.add_argument('--no-aug', action='store_true', default=False)
-    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], help='random-resized-crop scale')
-    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
-    g.add_argument('--hflip', type=float, default=0.5)
-    g.add_argument('--vflip', type=float, default=0.)
-    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--scale', type=probability, nargs='+', default=[0.08, 1.0], help='random-resized-crop scale')
+    g.add_argument('--ratio', type=positive_float, nargs='+', default=[3. / 4., 4. / 3.])
+    g.add_argument('--hflip', type=probability, default=0.5)
+    g.add_argument('--vflip', type=probability, default=0.)
+    g.add_argument('--color-jitter', type=non_negative_float, default=0.4)
     g.add_argument('--aa', type=str, default=None, help='auto-augment policy, e.g. rand-m9-mstd0.5-inc1')
-    g.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    g.add_argument('--reprob', type=probability, default=0., help='random erasing probability')
     g.add_argument('--remode', type=str, default='pixel')
-    g.add_argument('--recount', type=int, default=1)
-    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (on if > 0)')
-    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (on if > 0)')
-    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
-    g.add_argument('--mixup-mode', type=str, default='batch')
-    g.add_argument('--mixup-off-epoch', type=int, default=0)
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--recount', type=positive_int, default=1)
+    g.add_argument('--mixup', type=non_negative_float, default=0.0, help='mixup alpha (on if > 0)')
+    g.add_argument('--cutmix', type=non_negative_float, default=0.0, help='cutmix alpha (on if > 0)')
+    g.add_argument('--cutmix-minmax', type=probability, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=probability, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=probability, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
+    g.add_argument('--mixup-off-epoch', type=non_negative_int, default=0)
+    g.add_argument('--smoothing', type=probability, default=0.1, help='label smoothing')
     g.add_argument('--bce-loss', action='store_true', default=False)
     g.add_argument('--train-interpolation', type=str, default='random')
     g = p.add_argument_group('token labeling (the released flag names)')
@@ -155,29 +164,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--token-label-data', default='', metavar='DIR',
                    help='label folder: DIR/<class>/<image name>.pt, from scripts/make_token_labels.py or the '
                         'released label_top5_train_nfnet')
-    g.add_argument('--token-label-size', type=int, default=None, metavar='N',
+    g.add_argument('--token-label-size', type=positive_int, default=None, metavar='N',
                    help="dense target grid, N x N: the model's output grid (default: that grid, input size / 32)")
-    g.add_argument('--dense-weight', type=float, default=0.5, help='weight of the per-token loss')
-    g.add_argument('--cls-weight', type=float, default=1.0, help='weight of the class loss')
+    g.add_argument('--dense-weight', type=non_negative_float, default=0.5, help='weight of the per-token loss')
+    g.add_argument('--cls-weight', type=non_negative_float, default=1.0, help='weight of the class loss')
     g.add_argument('--token-label-corrected-boxes', action='store_true', default=False,
                    help="cut the dense targets with the crop box in the image's own axes; by default the boxes are "
                         "the released code's, whose axes are swapped (roi_align reads (top, left) as (x, y))")
     g = p.add_argument_group('EMA, precision, devices, output')
     g.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of the weights')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-decay', type=probability, default=0.9998)
     g.add_argument('--model-ema-warmup', action='store_true', default=False)
     g.add_argument('--model-ema-force-cpu', action='store_true', default=False)
-    g.add_argument('--device', default=default_device(), help='default: cuda when available, else cpu')
-    g.add_argument('--dist-bn', type=str, default='reduce', help='sync BatchNorm stats after each epoch')
-    g.add_argument('--amp', action='store_true', default=False, help='mixed precision')
-    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    g.add_argument('--device', type=available_device, default=default_device(),
+                   help='default: cuda when available, else cpu')
+    g.add_argument('--dist-bn', type=str, default='reduce', choices=('reduce', 'broadcast', ''),
+                   help='sync BatchNorm stats after each epoch')
+    add_amp_args(g)
     g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--log-interval', type=int, default=50, metavar='N', help='log every N optimizer updates')
-    g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='numbered checkpoints to keep')
-    g.add_argument('--eval-metric', default='top1', help='top1, top5, loss, or ema_top1... to pick the best')
+    g.add_argument('--log-interval', type=positive_int, default=50, metavar='N', help='log every N optimizer updates')
+    g.add_argument('--checkpoint-hist', type=positive_int, default=10, metavar='N', help='numbered checkpoints to keep')
+    g.add_argument('--eval-metric', default='top1',
+                   choices=[p + m for p in ('', 'ema_') for m in ('top1', 'top5', 'loss')],
+                   help='top1, top5, loss, or ema_top1... to pick the best')
     g.add_argument('--output', default='', metavar='DIR', help='output root (default: ./output/train)')
     g.add_argument('--experiment', default='', metavar='NAME', help='run folder name (default: date-model-size)')
     return p
+
+
+def optimizer_name(text: str) -> str:
+    """``--opt``: a timm optimizer name, optionally as ``lookahead_<name>``."""
+    parts = text.lower().split('_')
+    if parts[-1] not in list_optimizers() or len(parts) > 2 or (len(parts) == 2 and parts[0] != 'lookahead'):
+        close = difflib.get_close_matches(parts[-1], list_optimizers(), n=3)
+        raise argparse.ArgumentTypeError(f'unknown optimizer {text!r}' + (f': did you mean {", ".join(close)}?'
+                                                                          if close else ''))
+    return text
 
 
 def format_time(seconds: float) -> str:
@@ -242,11 +264,25 @@ def setup_token_label_args(args) -> None:
     args.model_kwargs = dict(args.model_kwargs, token_label=True)
 
 
+def check_one_batch(args, dataset) -> None:
+    """Training drops the last partial batch (timm's training loader), so a split smaller than one batch per
+    process would train nothing: refuse it."""
+    try:
+        images = len(dataset)
+    except TypeError:  # an iterable dataset of unknown length
+        return
+    per_process = math.ceil(images / args.world_size)  # the distributed sampler pads to equal shares
+    if per_process < args.batch_size:
+        where = f' per process ({images} over {args.world_size})' if args.world_size > 1 else ''
+        raise ScriptError(f'--batch-size {args.batch_size}: the "{args.train_split}" split of {args.data_dir} has '
+                          f'{per_process} images{where}, fewer than one batch, and training drops the last partial '
+                          f'batch, so no step would be made; use a --batch-size of at most {max(per_process, 1)}')
+
+
 def token_label_grid(args, model, input_size) -> tuple:
     """The model's output grid at the training size: the dense targets' grid, which ``--token-label-size``
     names (the released flag) and must match."""
-    reduction = model.feature_info[-1]['reduction']
-    grid = tuple(-(-s // reduction) for s in input_size[1:])
+    grid = model.output_grid(input_size[1:])
     if args.token_label_size is not None and (args.token_label_size,) * 2 != grid:
         raise ScriptError(f'--token-label-size {args.token_label_size}: {args.model} at {input_size[1]}x'
                           f'{input_size[2]} px has a {grid[0]}x{grid[1]} output grid; leave the flag out, or give it '
@@ -369,8 +405,12 @@ def main(argv=None):
     args.model_kwargs, args.official_config = model_kwargs_from_args(args), ''
     setup_token_label_args(args)
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
-    allow_posterize_to_zero_bits()  # the paper's RandAugment policy with Pillow >= 13
-    args.grad_accum_steps = max(1, args.grad_accum_steps)
+    with allow_posterize_to_zero_bits():  # the paper's RandAugment policy with Pillow >= 13
+        train(args, args_text)
+
+
+def train(args, args_text: str) -> None:
+    """The run ``main`` set up: data, model, optimizer and schedule, resume, then the epochs."""
     device = utils.init_distributed_device(args)
     primary = utils.is_primary(args)
     if args.distributed:
@@ -379,17 +419,14 @@ def main(argv=None):
         _logger.info(f'Training with a single process on {args.device}.')
     args.prefetcher = device.type == 'cuda' and not args.no_prefetcher
 
-    amp_autocast, loss_scaler = suppress, None
-    if args.amp:
-        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
-        if device.type == 'cuda' and amp_dtype == torch.float16:
-            loss_scaler = utils.NativeScaler(device=device.type)
+    amp_autocast, scale_loss = autocast_for(args, device)
+    loss_scaler = utils.NativeScaler(device=device.type) if scale_loss else None
     utils.random_seed(args.seed, args.rank)
 
     # data first: a bad --data-dir or a class-count mismatch fails before anything is built
-    dataset_train = open_dataset(args, args.train_split, True, args.class_map)
-    dataset_eval = open_dataset(args, args.val_split, False, args.class_map) if args.val_split else None
+    dataset_train = open_split(args, args.train_split, True, args.class_map)
+    check_one_batch(args, dataset_train)
+    dataset_eval = open_split(args, args.val_split, False, args.class_map) if args.val_split else None
     train_classes = dataset_classes(dataset_train)
     train_root = getattr(getattr(dataset_train, 'reader', None), 'root', None)
     if dataset_eval is not None:
@@ -438,16 +475,24 @@ def main(argv=None):
 
     resume_state = None
     if args.resume:
-        resume_state = read_checkpoint(args.resume)
+        resume_state = read_checkpoint(args.resume, '--resume')
         if not isinstance(resume_state.get('state_dict'), dict) or 'epoch' not in resume_state:
             raise ScriptError(f'--resume {args.resume} is not a training checkpoint of this script; to start from '
                               f'its weights use --initial-checkpoint or --pretrained-path')
-        try:
-            model.load_state_dict(clean_state_dict(resume_state['state_dict']))
-        except RuntimeError as e:
-            raise ScriptError(f'--resume {args.resume} does not fit {args.model} with these arguments: {e}') from None
+        weights = clean_state_dict(resume_state['state_dict'])
+        run = resume_state.get('args')
+        made_by = f' (a run of {run.model} with {run.model_kwargs or "no kwargs"})' \
+            if isinstance(run, argparse.Namespace) and hasattr(run, 'model') else ''
+        check_fits(weights, model, f'--resume {args.resume}{made_by}',
+                   f'; this run builds {args.model} with {args.model_kwargs or "no kwargs"}: resume with the run\'s '
+                   f'own arguments (--config {os.path.join(os.path.dirname(args.resume) or ".", "args.yaml")})')
+        model.load_state_dict(weights)
         if not args.no_resume_opt:
-            optimizer.load_state_dict(resume_state['optimizer'])
+            try:
+                optimizer.load_state_dict(resume_state['optimizer'])
+            except (KeyError, ValueError) as e:
+                raise ScriptError(f'--resume {args.resume}: its optimizer state does not fit --opt {args.opt} with '
+                                  f'these arguments ({e}); add --no-resume-opt to start the optimizer afresh') from None
             if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
                 loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
 
@@ -527,6 +572,10 @@ def main(argv=None):
             restore_scheduler(lr_scheduler, resume_state['lr_scheduler'])
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
+    if start_epoch >= num_epochs:
+        flag = f'--start-epoch {args.start_epoch}' if args.start_epoch is not None else f'--resume {args.resume}'
+        raise ScriptError(f'{flag}: the run would start at epoch {start_epoch} of {num_epochs} (epochs 0..'
+                          f'{num_epochs - 1}), so no step would be made; raise --epochs to continue it')
     if start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -563,9 +612,6 @@ def main(argv=None):
     last_checkpoint = os.path.join(output_dir, 'last.pth.tar') if output_dir else ''
     if not (last_checkpoint and os.path.exists(last_checkpoint)):
         last_checkpoint = args.resume
-    if start_epoch >= num_epochs and primary:
-        _logger.info(f'Nothing to train: the run already finished epoch {start_epoch - 1} of {num_epochs}; '
-                     f'raise --epochs to continue it.')
     run_start = time.time()
     eval_metrics, best_metric, best_epoch = {}, None, None
     try:
@@ -607,7 +653,7 @@ def main(argv=None):
             _logger.error(f'Interrupted; continue with --resume {last_checkpoint or "(no checkpoint yet)"}')
         sys.exit(130)
 
-    if primary and start_epoch < num_epochs:
+    if primary:
         final = '  '.join(f'{k} {v:.4f}' if 'loss' in k else f'{k} {v:.2f}' for k, v in eval_metrics.items())
         best = f'; best {args.eval_metric} {best_metric:.4f} (epoch {best_epoch})' if best_metric is not None else ''
         _logger.info(f'Done: {args.model}, {num_epochs - start_epoch} epochs in {format_time(time.time() - run_start)}'
@@ -617,4 +663,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    run_main(main, _logger)
+    run_main(main)

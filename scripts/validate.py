@@ -11,11 +11,9 @@ image settings default to the ones the run trained with, so the numbers match it
 ``scripts/convert_checkpoint.py`` names its model and kwargs. Prints a JSON line with the results
 as its last output.
 """
-import argparse
 import json
 import logging
-from contextlib import suppress
-from functools import partial
+import os
 
 import torch
 
@@ -24,45 +22,43 @@ from timm.data import resolve_data_config
 
 from rmt.checkpoint import has_ema
 from rmt.cli import (
-    ScriptError, add_model_args, apply_saved_settings, build_model, default_device, default_workers, load_weights,
-    parse_args_with_config, run_main)
-from rmt.data import check_num_classes, create_eval_loader, dataset_classes, open_dataset
+    ArgumentParser, ScriptError, add_amp_args, add_model_args, apply_saved_settings, autocast_for, available_device,
+    build_model, check_num_classes, data_workers, default_device, default_workers, finite_float, load_weights,
+    model_name, open_split, parse_args_with_config, positive_float, positive_int, run_main)
+from rmt.data import create_eval_loader, dataset_classes
 from rmt.evaluate import evaluate
 
 _logger = logging.getLogger('validate')
 
-# settings a training checkpoint (or a converted file: model, model_kwargs) supplies when not given
-FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'img_size', 'input_size', 'crop_pct', 'mean',
-                 'std', 'interpolation', 'class_map', 'dataset')
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Validate RMT (or any timm model) with timm', allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description='Validate RMT (or any timm model) with timm', allow_abbrev=False)
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag values (flags override it)')
     p.add_argument('--data-dir', metavar='DIR', help='dataset root (image folder: DIR/<split>/ or DIR itself)')
     p.add_argument('--dataset', metavar='NAME', default=None, help='timm dataset "<type>/<name>" (default: folder)')
     p.add_argument('--split', metavar='NAME', default='validation')
     p.add_argument('--dataset-download', action='store_true', default=False)
     p.add_argument('--class-map', default=None, metavar='FILE')
-    p.add_argument('--model', default=None, metavar='NAME', help='model name (default: from a training checkpoint)')
+    p.add_argument('--model', type=model_name, default=None, metavar='NAME',
+                   help='model name (default: from a training checkpoint)')
     p.add_argument('--pretrained', action='store_true', default=False)
     p.add_argument('--checkpoint', default='', metavar='FILE', help='weights: released .pth, ours, or .safetensors')
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
     add_model_args(p)
-    p.add_argument('--num-classes', type=int, default=None)
-    p.add_argument('--in-chans', type=int, default=None)
-    p.add_argument('--img-size', type=int, default=None)
-    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'))
-    p.add_argument('--crop-pct', default=None, type=float)
-    p.add_argument('--mean', type=float, nargs='+', default=None)
-    p.add_argument('--std', type=float, nargs='+', default=None)
+    p.add_argument('--num-classes', type=positive_int, default=None)
+    p.add_argument('--in-chans', type=positive_int, default=None)
+    p.add_argument('--img-size', type=positive_int, default=None)
+    p.add_argument('--input-size', default=None, nargs=3, type=positive_int, metavar=('C', 'H', 'W'))
+    p.add_argument('--crop-pct', default=None, type=positive_float)
+    p.add_argument('--mean', type=finite_float, nargs='+', default=None)
+    p.add_argument('--std', type=positive_float, nargs='+', default=None)
     p.add_argument('--interpolation', default=None, type=str)
-    p.add_argument('-b', '--batch-size', type=int, default=256)
-    p.add_argument('-j', '--workers', type=int, default=default_workers(),
-                   help='data-loading processes (default: 4, or the number of cores if fewer)')
-    p.add_argument('--device', default=default_device(), help='default: cuda when available, else cpu')
-    p.add_argument('--amp', action='store_true', default=False)
-    p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    p.add_argument('-b', '--batch-size', type=positive_int, default=256)
+    p.add_argument('-j', '--workers', type=data_workers, default=default_workers(),
+                   help='data-loading processes, at most the number of cores (default: 4, or the cores if fewer)')
+    p.add_argument('--device', type=available_device, default=default_device(),
+                   help='default: cuda when available, else cpu')
+    add_amp_args(p)
     p.add_argument('--channels-last', action='store_true', default=False)
     p.add_argument('--results-file', default='', metavar='FILE', help='also write the results as JSON here')
     return p
@@ -71,17 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     utils.setup_default_logging()
     args = parse_args_with_config(build_parser(), argv)
-    state = apply_saved_settings(args, FROM_TRAINING)
+    state = apply_saved_settings(args)
     args.dataset = args.dataset or ''
     args.class_map = args.class_map or ''
-    if not args.model:
-        raise ScriptError('--model is required (only checkpoints written by scripts/train.py and files converted by '
-                          'scripts/convert_checkpoint.py name their model)')
+    folder = os.path.dirname(os.path.abspath(args.results_file)) if args.results_file else ''
+    if folder and not os.path.isdir(folder):
+        raise ScriptError(f'--results-file {args.results_file}: no folder {folder} to write it in')
     if args.use_ema and state and not has_ema(state):
         raise ScriptError(f'--use-ema: {args.checkpoint} has no EMA weights')
     del state
 
-    dataset = open_dataset(args, args.split, False, args.class_map, require_split=False)  # DIR may be the split
+    dataset = open_split(args, args.split, False, args.class_map, require_split=False)  # DIR may be the split
     model = build_model(args, args.num_classes)
     if args.checkpoint:
         load_weights(model, args.checkpoint, use_ema=args.use_ema)
@@ -95,9 +91,7 @@ def main(argv=None):
         model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(vars(args), model=model, verbose=True)
     loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers, device)
-    amp_autocast = partial(torch.autocast, device_type=device.type,
-                           dtype=torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) \
-        if args.amp else suppress
+    amp_autocast, _ = autocast_for(args, device)
     metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
 
     results = dict(model=args.model, checkpoint=args.checkpoint, ema=args.use_ema, split=args.split,
@@ -113,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    run_main(main, _logger)
+    run_main(main)

@@ -1,9 +1,13 @@
 """Helpers shared by the tests: the released-format fixtures, a small real image set, running the scripts.
 
-The image set is scikit-learn's 1797 handwritten digits (``rmt.data.write_digits_folder``: 8x8
-grey scans shipped inside the wheel, no download), written once per test session as 32x32 RGB PNGs
-in an image folder with ``train/`` and ``validation/`` splits.
+The image set is scikit-learn's 1797 handwritten digits (``write_digits_folder`` of
+``scripts/make_digits.py``: 8x8 grey scans shipped inside the wheel, no download), written once per
+test session as 32x32 RGB PNGs in an image folder with ``train/`` and ``validation/`` splits.
+
+Subprocesses get no tight time limit (a busy machine may be many times slower than a quiet one):
+only :data:`PATIENCE`, which catches a hang, and a failure says what the test was waiting for.
 """
+import argparse
 import csv
 import functools
 import importlib.util
@@ -18,9 +22,9 @@ import time
 from pathlib import Path
 
 import timm
+import torch
 
 import rmt
-from rmt.data import write_digits_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / 'scripts'
@@ -29,6 +33,7 @@ SMALL_CONFIG = FIXTURES / 'official_small_config.json'
 SMALL_CHECKPOINT = FIXTURES / 'official_small_checkpoint.pth'
 SMALL_TL_CHECKPOINT = FIXTURES / 'official_small_tokenlabel_checkpoint.pth'
 SMOKE_CONFIG = REPO / 'configs' / 'smoke_digits.yaml'
+PATIENCE = 3600.  # seconds a subprocess may take before a test calls it hung (about 100x a quiet machine's time)
 
 
 def small_kwargs(**overrides):
@@ -60,6 +65,11 @@ def session_dir(name: str) -> str:
     return path
 
 
+def write_digits_folder(root: str, **kwargs) -> str:
+    """scikit-learn's digits as an image folder (``scripts/make_digits.py``'s ``write_digits_folder``)."""
+    return load_script('make_digits').write_digits_folder(root, **kwargs)
+
+
 @functools.lru_cache(maxsize=None)
 def digits_folder() -> str:
     return write_digits_folder(os.path.join(session_dir('digits'), 'digits'))
@@ -70,26 +80,37 @@ def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
-def run(args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def _text(output) -> str:
+    return output.decode(errors='replace') if isinstance(output, bytes) else output or ''
+
+
+def run(args, timeout: float = PATIENCE, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python ARGS...`` in a fresh interpreter at the repository root; output captured as text."""
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=env(), cwd=REPO)
+    command = f'python {" ".join(map(str, args))}'
+    try:
+        proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env=env(), cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f'waited {timeout:.0f} s for {command} to finish; it was still running (hung?):\n'
+                             f'{_text(e.stdout)[-3000:]}\n{_text(e.stderr)[-6000:]}') from None
     if check and proc.returncode != 0:
         raise AssertionError(f'python {" ".join(map(str, args))} exited {proc.returncode}:\n'
                              f'{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
     return proc
 
 
-def script(name: str, *args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def script(name: str, *args, timeout: float = PATIENCE, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``scripts/<name>.py ARGS...`` as a user would."""
     return run([SCRIPTS / f'{name}.py', *args], timeout=timeout, check=check)
 
 
-def kill_when_written(proc: subprocess.Popen, path: str, timeout: float = 240) -> None:
+def kill_when_written(proc: subprocess.Popen, path: str, timeout: float = PATIENCE) -> None:
     """SIGKILL a running training process as soon as ``path`` (a checkpoint) appears."""
-    deadline = time.time() + timeout
+    start = time.time()
     while not os.path.exists(path):
-        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+        assert proc.poll() is None, f'waiting for {path} to kill the run then, but the run ended (exit ' \
+                                    f'{proc.returncode}) without writing it'
+        assert time.time() - start < timeout, f'waited {timeout:.0f} s for the run to write {path}; it did not (hung?)'
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -107,6 +128,39 @@ def smoke_run() -> str:
     output = session_dir('runs')
     script('train', *smoke_args(output, 'uninterrupted'))
     return os.path.join(output, 'uninterrupted')
+
+
+def run_side_by_side(*commands, cwd=REPO, timeout: float = PATIENCE) -> list:
+    """Run ``python ARGS...`` commands at once (they share the cores either way); ``(returncode, stdout, stderr)``
+    of each, in order."""
+    procs = [subprocess.Popen([sys.executable, *map(str, c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env(), cwd=cwd) for c in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f'waited {timeout:.0f} s for {" ".join(map(str, e.cmd))} to finish (hung?)') from None
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def load_run_checkpoint(path) -> dict:
+    """A checkpoint of scripts/train.py, read as resuming reads it (weights-only, with the run's args)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_resumed_like_uninterrupted(run_dir: str, reference_dir: str, epoch: int) -> None:
+    """A killed and resumed run ends as the uninterrupted one: weights, EMA, optimizer state and summary.csv."""
+    resumed, uninterrupted = (load_run_checkpoint(os.path.join(d, 'last.pth.tar')) for d in (run_dir, reference_dir))
+    assert resumed['epoch'] == uninterrupted['epoch'] == epoch
+    for part in ('state_dict', 'state_dict_ema'):
+        for k, v in uninterrupted[part].items():
+            assert torch.equal(resumed[part][k], v), f'{part}.{k} differs after the resume'
+    for i, s in uninterrupted['optimizer']['state'].items():
+        assert all(torch.equal(resumed['optimizer']['state'][i][k], s[k]) for k in s)
+    assert read_summary(run_dir) == read_summary(reference_dir)
 
 
 def read_summary(run_dir: str) -> list:

@@ -52,7 +52,6 @@ def test_conversion_takes_the_plain_weights_like_the_loader_and_ema_when_asked(t
     state['model_ema'] = dict(state['model'], **{'head.weight': state['model']['head.weight'] + 1.0})
     torch.save(state, tmp_path / 'with_ema.pth')
     for flag, expected, said in (([], state['model'], "the plain weights ('model')"),
-                                 (['--no-ema'], state['model'], "the plain weights ('model')"),
                                  (['--use-ema'], state['model_ema'], "the EMA weights ('model_ema')")):
         out = str(tmp_path / f'converted{"".join(flag)}.safetensors')
         caplog.clear()

@@ -5,7 +5,6 @@ student is trained with token labels and, for comparison, without (same recipe a
 ``configs/smoke_digits_tl.yaml``); then resuming, DDP with AMP, and fine-tuning the released-format
 token-labeling checkpoint.
 """
-import argparse
 import json
 import os
 import random
@@ -21,19 +20,15 @@ from rmt.cli import ScriptError, parse_args_with_config
 from rmt.data import open_dataset
 from rmt.token_labeling import META_FILE, read_meta
 from tests.helpers import (
-    FIXTURES, REPO, SCRIPTS, SMALL_CONFIG, digits_folder, env, kill_when_written, load_script, read_summary,
-    script, session_dir, small_kwargs)
+    FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, assert_resumed_like_uninterrupted, digits_folder, env,
+    kill_when_written, load_run_checkpoint, load_script, read_summary, run_side_by_side, script, session_dir,
+    small_kwargs)
 
 train = load_script('train')
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 TL_CONFIG = REPO / 'configs' / 'smoke_digits_tl.yaml'
 SMALL_TL_CHECKPOINT = str(FIXTURES / 'official_small_tokenlabel_checkpoint.pth')
-
-
-def load(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def tl_args(output: str, experiment: str, *extra: str) -> list:
@@ -45,17 +40,11 @@ def train_command(*args: str) -> list:
     return [sys.executable, str(SCRIPTS / 'train.py'), *args]
 
 
-def run_together(*commands: list, timeout: float = 300) -> None:
-    """Run commands side by side (the machine's cores are used either way); fail with the output of any that fails."""
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
-             for c in commands]
-    try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for c, p, (out, err) in zip(commands, procs, outputs):
-        assert p.returncode == 0, f'{" ".join(map(str, c))} exited {p.returncode}:\n{out[-2000:]}\n{err[-4000:]}'
+def run_together(*commands: list) -> None:
+    """Run ``python ARGS...`` commands side by side (the cores are used either way); fail with the output of any that
+    fails."""
+    for c, (code, out, err) in zip(commands, run_side_by_side(*commands)):
+        assert code == 0, f'{" ".join(map(str, c))} exited {code}:\n{out[-2000:]}\n{err[-4000:]}'
 
 
 @pytest.fixture(scope='module')
@@ -74,8 +63,8 @@ def labels() -> str:
 def students(labels) -> dict:
     """The student trained with token labels and without, for the same 20 epochs (both at once)."""
     output = session_dir('tl-students')
-    run_together(train_command(*tl_args(output, 'token-label', '--token-label', '--token-label-data', labels)),
-                 train_command(*tl_args(output, 'plain')))
+    run_together([SCRIPTS / 'train.py', *tl_args(output, 'token-label', '--token-label', '--token-label-data', labels)],
+                 [SCRIPTS / 'train.py', *tl_args(output, 'plain')])
     return {name: os.path.join(output, name) for name in ('token-label', 'plain')}
 
 
@@ -97,13 +86,13 @@ def test_validate_py_scores_the_token_labeled_student_as_training_did(students):
 
 
 def test_token_label_run_records_the_aux_head_and_its_settings(students):
-    state = load(os.path.join(students['token-label'], 'last.pth.tar'))
+    state = load_run_checkpoint(os.path.join(students['token-label'], 'last.pth.tar'))
     assert state['args'].model_kwargs['token_label'] is True and 'aux_head.weight' in state['state_dict']
     assert (state['args'].token_label, state['args'].mixup, state['args'].cutmix) == (True, 0., 0.)
     with open(os.path.join(students['token-label'], 'log.txt')) as f:
         log = f.read()
     assert 'Token labeling: top-5 label maps of 4x4' in log and 'dense targets at 4x4 with released' in log
-    assert 'aux_head.weight' not in load(os.path.join(students['plain'], 'last.pth.tar'))['state_dict']
+    assert 'aux_head.weight' not in load_run_checkpoint(os.path.join(students['plain'], 'last.pth.tar'))['state_dict']
 
 
 def test_killed_token_label_run_resumes_to_the_same_weights_as_an_uninterrupted_one(labels):
@@ -116,31 +105,23 @@ def test_killed_token_label_run_resumes_to_the_same_weights_as_an_uninterrupted_
     run_dir = os.path.join(output, 'killed')
     try:  # kill it for real in epoch 1, right after the epoch-0 checkpoint appears
         kill_when_written(killed, os.path.join(run_dir, 'checkpoint-0.pth.tar'))
-        assert reference.wait(timeout=240) == 0
+        assert reference.wait(timeout=PATIENCE) == 0, 'the uninterrupted run failed'
     finally:
         killed.kill()
         reference.kill()
-    assert load(os.path.join(run_dir, 'last.pth.tar'))['epoch'] < 2
+    assert load_run_checkpoint(os.path.join(run_dir, 'last.pth.tar'))['epoch'] < 2
 
     script('train', *tl_args(output, 'killed', *short), '--resume', os.path.join(run_dir, 'last.pth.tar'))
 
-    resumed = load(os.path.join(run_dir, 'last.pth.tar'))
-    uninterrupted = load(os.path.join(output, 'uninterrupted', 'last.pth.tar'))
-    assert resumed['epoch'] == uninterrupted['epoch'] == 2
-    for part in ('state_dict', 'state_dict_ema'):
-        for k, v in uninterrupted[part].items():
-            assert torch.equal(resumed[part][k], v), f'{part}.{k} differs after the resume'
-    for i, s in uninterrupted['optimizer']['state'].items():
-        assert all(torch.equal(resumed['optimizer']['state'][i][k], s[k]) for k in s)
-    assert read_summary(run_dir) == read_summary(os.path.join(output, 'uninterrupted'))
+    assert_resumed_like_uninterrupted(run_dir, os.path.join(output, 'uninterrupted'), epoch=2)
 
 
 def test_token_label_training_runs_under_torchrun_with_amp(labels, tmp_path):
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
     args = tl_args(str(tmp_path), 'ddp', '--token-label', '--token-label-data', labels, '--epochs', '2',
                    '--warmup-epochs', '0', '-b', '32', '--amp', '--amp-dtype', 'bfloat16')
-    proc = subprocess.run([*torchrun, str(SCRIPTS / 'train.py'), *args], capture_output=True, text=True, timeout=300,
-                          env=env(), cwd=REPO)
+    proc = subprocess.run([*torchrun, str(SCRIPTS / 'train.py'), *args], capture_output=True, text=True,
+                          timeout=PATIENCE, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'process 1 of 2' in proc.stderr and 'Token labeling:' in proc.stderr
     rows = read_summary(str(tmp_path / 'ddp'))
@@ -155,7 +136,7 @@ def finetune(tmp_path, experiment: str, *extra: str) -> dict:
            '--experiment', experiment, '--model', 'rmt_t', '--official-config', SMALL_CONFIG,
            '--pretrained-path', SMALL_TL_CHECKPOINT, '--img-size', '64', '--epochs', '1', '--opt', 'adamw',
            '--lr', '1e-12', '--warmup-epochs', '0', '--workers', '1', '-b', '64', *extra)
-    return load(tmp_path / experiment / 'last.pth.tar')
+    return load_run_checkpoint(tmp_path / experiment / 'last.pth.tar')
 
 
 def released_tl_weights() -> dict:

@@ -13,18 +13,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 import rmt  # noqa: F401  (registers the models)
-from rmt.data import allow_posterize_to_zero_bits, write_digits_folder
+from rmt.cli import ScriptError
+from rmt.mixtoken import (
+    MixTokenBox, TokenLabelOutput, mix_tokens, mixtoken_lam, sample_mixtoken_box, unmix_tokens)
 from rmt.token_labeling import (
-    META_FILE, DenseTeacher, MixTokenBox, TokenLabelDataset, TokenLabelLoss, TokenLabelOutput, TokenLabelTransform,
-    dense_targets, label_file_path, mix_tokens, mixtoken_lam, pack_target, read_label_file, sample_mixtoken_box,
-    unmix_tokens, unpack_targets)
-from tests.helpers import load_script, small_kwargs
+    META_FILE, DenseTeacher, TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, dense_targets, label_file_path,
+    pack_target, read_label_file, unpack_targets)
+from rmt.train_utils import allow_posterize_to_zero_bits
+from tests.helpers import load_script, small_kwargs, write_digits_folder
 
 make_token_labels = load_script('make_token_labels')
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 TINY_RMT = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), projection=32)
-TINY_RMT_ARGS = ['embed_dims=(16,32,48,64)', 'depths=(1,1,1,1)', 'num_heads=(1,1,2,2)', 'projection=32']
+TINY_RMT_ARGS = [f'{k}={v}'.replace(' ', '') for k, v in TINY_RMT.items()]  # the same, as --model-kwargs
 
 # A 2x2 label map, top-1 per cell, 3 classes: (row, col) -> (class, logit)
 CELLS = {(0, 0): (0, 2.), (0, 1): (1, 4.), (1, 0): (2, 1.), (1, 1): (1, 2.)}
@@ -438,12 +440,12 @@ def test_make_token_labels_writes_the_teachers_topk_per_location(labelled):
 
 def test_dataset_reads_what_make_token_labels_writes(labelled):
     root, train, _, _ = labelled
-    allow_posterize_to_zero_bits()  # the paper's RandAugment policy with Pillow >= 13, as train.py does
     dataset = timm.data.create_dataset('', root=train)
     labels = TokenLabelDataset(dataset, str(root / 'labels'), num_classes=3,
                                joint_transform=TokenLabelTransform(32, auto_augment='rand-m9-mstd0.5-inc1'))
     assert labels.label_shape == (2, 2, 3, 3)
-    img, packed = labels[3]
+    with allow_posterize_to_zero_bits():  # the paper's RandAugment policy with Pillow >= 13, as train.py trains
+        img, packed = labels[3]
     classes, boxes, label_maps = unpack_targets(packed[None])
     assert img.size == (32, 32) and classes.item() == dataset[3][1] and label_maps.shape == (1, 2, 2, 3, 3)
     assert 0 <= boxes.min() and boxes.max() <= 1
@@ -457,7 +459,7 @@ def test_make_token_labels_verify_reads_the_label_set(labelled):
 
 def test_make_token_labels_refuses_a_checkpoint_whose_classifier_does_not_fit(labelled):
     root, train, _, _ = labelled
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ScriptError) as e:
         make_token_labels.main([
             train, str(root / 'other'), '--model', 'rmt_t', '--model-kwargs', *TINY_RMT_ARGS, '--num-classes', '5',
             '--checkpoint', str(root / 'teacher.pth'), '-j', '0', '--device', 'cpu'])
@@ -471,7 +473,7 @@ def test_make_token_labels_continues_a_label_set_only_with_the_same_teacher_sett
               '--checkpoint', str(root / 'teacher.pth'), '--img-size', '96', '-j', '0', '--device', 'cpu',
               '--skip-existing']
     assert make_token_labels.main(common + ['--topk', '2'])['written'] == 0
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ScriptError) as e:
         make_token_labels.main(common + ['--topk', '3'])
     assert 'written with other settings (topk)' in str(e.value)
 

@@ -1,5 +1,4 @@
 """scripts/train.py end to end on a real image set (scikit-learn's digits), on CPU."""
-import argparse
 import os
 import subprocess
 import sys
@@ -9,20 +8,15 @@ import timm
 import torch
 
 import rmt
-from rmt.checkpoint import AtomicCheckpointSaver
 from rmt.cli import ScriptError, parse_args_with_config
-from rmt.data import write_digits_folder
+from rmt.train_utils import AtomicCheckpointSaver
 from tests.helpers import (
-    FIXTURES, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, digits_folder, env, kill_when_written, load_script,
-    read_summary, script, session_dir, small_kwargs, smoke_args, smoke_run)
+    FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, assert_resumed_like_uninterrupted, digits_folder,
+    env, kill_when_written, load_run_checkpoint, load_script, read_summary, script, session_dir, small_kwargs,
+    smoke_args, smoke_run, write_digits_folder)
 
 train = load_script('train')
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def load(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)  # resumable files are weights-only
 
 
 def test_training_reaches_high_accuracy_and_writes_timm_summary():
@@ -42,7 +36,7 @@ def test_training_logs_progress_and_a_final_summary_line():
 
 
 def test_checkpoint_holds_everything_needed_to_resume():
-    state = load(os.path.join(smoke_run(), 'last.pth.tar'))
+    state = load_run_checkpoint(os.path.join(smoke_run(), 'last.pth.tar'))
     assert state['epoch'] == 3
     assert {'state_dict', 'state_dict_ema', 'optimizer', 'lr_scheduler', 'args', 'saver'} <= set(state)
     assert state['optimizer']['state']  # AdamW moments
@@ -58,20 +52,12 @@ def test_killed_run_resumes_to_the_same_final_weights_as_an_uninterrupted_one():
         kill_when_written(proc, os.path.join(run_dir, 'checkpoint-1.pth.tar'))
     finally:
         proc.kill()
-    assert load(os.path.join(run_dir, 'last.pth.tar'))['epoch'] < 3  # stopped before the end
+    assert load_run_checkpoint(os.path.join(run_dir, 'last.pth.tar'))['epoch'] < 3  # stopped before the end
 
     script('train', *smoke_args(output, 'killed'), '--resume', os.path.join(run_dir, 'last.pth.tar'))
 
-    resumed = load(os.path.join(run_dir, 'last.pth.tar'))
-    uninterrupted = load(os.path.join(smoke_run(), 'last.pth.tar'))
-    assert resumed['epoch'] == uninterrupted['epoch'] == 3
-    for part in ('state_dict', 'state_dict_ema'):
-        for k, v in uninterrupted[part].items():
-            assert torch.equal(resumed[part][k], v), f'{part}.{k} differs after the resume'
-    for i, s in uninterrupted['optimizer']['state'].items():
-        assert all(torch.equal(resumed['optimizer']['state'][i][k], s[k]) for k in s)
     assert [r['epoch'] for r in read_summary(run_dir)] == [0, 1, 2, 3]  # no duplicated or torn rows
-    assert read_summary(run_dir) == read_summary(smoke_run())
+    assert_resumed_like_uninterrupted(run_dir, smoke_run(), epoch=3)
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact(tmp_path, monkeypatch):
@@ -80,7 +66,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact
     saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=str(tmp_path),
                                           recovery_dir=str(tmp_path))
     saver.save_checkpoint(0, metric=1.0)
-    before = load(tmp_path / 'last.pth.tar')
+    before = load_run_checkpoint(tmp_path / 'last.pth.tar')
 
     def crash_midway(obj, f, *args, **kwargs):
         f.write(b'half a checkpoint')
@@ -91,9 +77,22 @@ def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact
     with pytest.raises(KeyboardInterrupt):
         saver.save_checkpoint(1, metric=2.0)
 
-    after = load(tmp_path / 'last.pth.tar')
+    after = load_run_checkpoint(tmp_path / 'last.pth.tar')
     assert after['epoch'] == 0 and torch.equal(after['state_dict']['weight'], before['state_dict']['weight'])
     assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+
+
+def test_checkpoints_are_whole_copies_where_hard_links_are_not_supported(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError('hard links not supported here')
+    monkeypatch.setattr(os, 'link', no_links)
+    model = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(0, metric=1.0)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    last = (tmp_path / 'last.pth.tar').read_bytes()
+    assert (tmp_path / 'checkpoint-0.pth.tar').read_bytes() == last == (tmp_path / 'model_best.pth.tar').read_bytes()
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
@@ -134,7 +133,7 @@ def test_finetune_from_released_checkpoint_of_a_released_config_with_a_new_class
            '--num-classes', '5', '--img-size', '40', '--epochs', '1', '--lr', '1e-12', '--warmup-epochs', '0',
            '--workers', '0', '-b', '50')
 
-    saved = load(tmp_path / 'ft' / 'last.pth.tar')
+    saved = load_run_checkpoint(tmp_path / 'ft' / 'last.pth.tar')
     trained = saved['state_dict']
     released = rmt.checkpoint_filter_fn(rmt.load_checkpoint_file(fixture), timm.create_model('rmt_t', **small_kwargs()))
     assert trained['head.fc.weight'].shape == (5, 128)  # a new 5-class classifier
@@ -159,6 +158,17 @@ def test_every_config_is_made_of_train_py_flags():
             assert args.drop_path == drop_path[args.model]
 
 
+def test_a_recipe_run_on_the_cpu_autocasts_nothing_and_uses_no_more_workers_than_cores():
+    from rmt.cli import autocast_for
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    for name in sorted(os.listdir(REPO / 'configs')):  # "one process (a single GPU, or the CPU)" in the README
+        args = parse_args_with_config(train.build_parser(), ['--config', str(REPO / 'configs' / name)])
+        autocast, scale = autocast_for(args, torch.device('cpu'))
+        with autocast():
+            assert not torch.is_autocast_enabled('cpu') and not scale, name
+        assert args.workers <= cores, name
+
+
 def test_unknown_config_key_is_an_error(tmp_path):
     (tmp_path / 'bad.yaml').write_text('batch_sise: 8\n')
     with pytest.raises(ScriptError, match='batch_sise'):
@@ -180,18 +190,18 @@ def test_default_data_workers_do_not_exceed_the_cores():
 def test_paper_randaugment_policy_survives_its_maximum_magnitude():
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
-    from rmt.data import allow_posterize_to_zero_bits
-    allow_posterize_to_zero_bits()  # what train.py does before training
+    from rmt.train_utils import allow_posterize_to_zero_bits
     augment = rand_augment_transform('rand-n8-m10-mstd0-inc1', {})  # magnitude 10 asks posterize for 0 bits
     image = Image.new('RGB', (16, 16), (200, 120, 40))
-    assert all(augment(image).size == (16, 16) for _ in range(40))
+    with allow_posterize_to_zero_bits():  # what train.py trains in
+        assert all(augment(image).size == (16, 16) for _ in range(40))
 
 
 def test_torchrun_trains_with_distributed_data_parallel_on_cpu(tmp_path):
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
     proc = subprocess.run([*torchrun, os.path.join(SCRIPTS, 'train.py'),
                            *smoke_args(str(tmp_path), 'ddp', '--epochs', '1', '--warmup-epochs', '0', '-b', '32')],
-                          capture_output=True, text=True, timeout=300, env=env())
+                          capture_output=True, text=True, timeout=PATIENCE, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'process 1 of 2' in proc.stderr and 'process 0 of 2' in proc.stderr
     rows = read_summary(str(tmp_path / 'ddp'))

@@ -1,0 +1,48 @@
+"""The README's Python blocks run as written, each in a fresh interpreter.
+
+The released files they name (``RMT-S.pth``, ``RMT-S-TL.pth``, ``custom.json``) are the fixtures, a small
+configuration of the released format: in the blocks' folder they stand under those names, and
+``timm.create_model`` gives RMT models the fixtures' configuration unless a block says otherwise
+(the code is the README's; only the files and the model size are stand-ins).
+"""
+import re
+import shutil
+
+from tests.helpers import REPO, SMALL_CHECKPOINT, SMALL_CONFIG, SMALL_TL_CHECKPOINT, run_side_by_side
+
+STAND_INS = {'RMT-S.pth': SMALL_CHECKPOINT, 'RMT-S-TL.pth': SMALL_TL_CHECKPOINT, 'custom.json': SMALL_CONFIG}
+
+PRELUDE = f'''
+import json, runpy, sys
+import timm, timm.models
+import rmt
+
+_small = rmt.official_config_to_kwargs(json.load(open({str(SMALL_CONFIG)!r})))
+_create_model = timm.create_model
+
+
+def create_model(name, *args, **kwargs):
+    if name.startswith('rmt_'):
+        kwargs = dict(_small, **kwargs)
+    return _create_model(name, *args, **kwargs)
+
+
+timm.create_model = timm.models.create_model = create_model
+runpy.run_path(sys.argv[1], run_name='__main__')
+'''
+
+
+def readme_python_blocks() -> list:
+    return re.findall(r'^```python\n(.*?)^```', (REPO / 'README.md').read_text(), flags=re.S | re.M)
+
+
+def test_readme_python_blocks_run_as_written(tmp_path):
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 4  # usage, FLOPs, export, dense-prediction features
+    for name, path in STAND_INS.items():
+        shutil.copyfile(path, tmp_path / name)
+    for i, block in enumerate(blocks):
+        (tmp_path / f'block{i}.py').write_text(block)
+    results = run_side_by_side(*(['-c', PRELUDE, f'block{i}.py'] for i in range(len(blocks))), cwd=tmp_path)
+    for block, (code, out, err) in zip(blocks, results):
+        assert code == 0, f'README block failed (exit {code}):\n{block}\n{err[-4000:]}'
