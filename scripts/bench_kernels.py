@@ -16,7 +16,6 @@ measured copy bandwidth; ``--sweep`` also times the Triton kernels' tile, block 
 A path that cannot run here ends the script with one line and exit code 2 (e.g. ``triton`` on a CPU
 without ``TRITON_INTERPRET=1``).
 """
-import argparse
 import itertools
 import math
 import statistics
@@ -27,6 +26,7 @@ import torch
 
 from rmt import kernels
 from rmt.attention import ATTN_IMPLS, AttentionPlan, kernel_failures, masa_attention
+from rmt.cli import ArgumentParser, ScriptError, available_device, positive_int, run_main
 from rmt.model import MODEL_ARGS
 from rmt.position import RelPos2d
 
@@ -34,46 +34,34 @@ PATHS = [p for p in ATTN_IMPLS if p != 'auto']
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', default='rmt_s', help=f'one of {", ".join(MODEL_ARGS)}')
-    p.add_argument('-b', '--batch-size', type=int, default=128)
-    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('-b', '--batch-size', type=positive_int, default=128)
+    p.add_argument('--img-size', type=positive_int, default=224)
     p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16', 'float16'])
     p.add_argument('--paths', default='triton,sdpa,reference', help=f'comma-separated, from {", ".join(PATHS)}')
     p.add_argument('--sweep', action='store_true', help='also time the Triton tile/block/warp settings')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--device', type=available_device, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads')
     return p.parse_args(argv)
 
 
-def fail(message: str) -> None:
-    print(f'bench_kernels.py: error: {message}', file=sys.stderr)
-    raise SystemExit(2)
-
-
 def check_args(args):
-    """One line and exit 2 for what cannot run as asked."""
+    """A :class:`~rmt.cli.ScriptError` (one line, exit 2) for what cannot run as asked."""
     if args.model not in MODEL_ARGS:
-        fail(f'--model {args.model!r}: unknown model, expected one of {", ".join(MODEL_ARGS)}')
-    for name in ('batch_size', 'img_size', 'threads'):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f'--{name.replace("_", "-")} {getattr(args, name)}: must be a positive integer')
+        raise ScriptError(f'--model {args.model!r}: unknown model, expected one of {", ".join(MODEL_ARGS)}')
     paths = [p for p in args.paths.split(',') if p]
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
-        fail(f'--paths {args.paths!r}: unknown path(s) {unknown}, expected some of {", ".join(PATHS)}')
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        fail(f'--device {args.device!r}: {str(e).splitlines()[0]}')
+        raise ScriptError(f'--paths {args.paths!r}: unknown path(s) {unknown}, expected some of {", ".join(PATHS)}')
+    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if 'triton' in paths or args.sweep:
         heads = MODEL_ARGS[args.model]
         for dim, n in zip(heads['embed_dims'], heads['num_heads']):
             reason = kernels.unsupported_reason(device, dtype, dim // n)
             if reason:
-                fail(f'the triton path cannot run on {args.device} in {args.dtype}: {reason}')
+                raise ScriptError(f'the triton path cannot run on {args.device} in {args.dtype}: {reason}')
     return paths, device, dtype
 
 
@@ -195,4 +183,4 @@ def sweep(q, k, v, lce, grad, relpos, n, decomposed, device):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -14,7 +14,6 @@ registers per thread, spill stack bytes, shared memory bytes, SASS instructions 
 Exits 1 when a kernel fails to compile, spills registers, or needs more shared memory than the
 target has; 2 on a usage error (e.g. no Triton, or no ``cuobjdump`` in its nvidia backend).
 """
-import argparse
 import math
 import os
 import re
@@ -27,6 +26,7 @@ os.environ.pop('TRITON_INTERPRET', None)  # compile for real, whatever the calle
 import torch  # noqa: E402
 
 from rmt import kernels  # noqa: E402
+from rmt.cli import ArgumentParser, ScriptError, run_main  # noqa: E402
 from rmt.model import MODEL_ARGS  # noqa: E402
 from rmt.position import RelPos2d  # noqa: E402
 
@@ -41,7 +41,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--arch', type=int, default=90, choices=sorted(SHARED_LIMIT),
                    help='compute capability as major * 10 + minor (default 90: H100/H200)')
     p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
@@ -53,11 +53,6 @@ def parse_args(argv=None):
                    help='comma-separated, from ' + ', '.join(f'{k} ({m} at {s} px, batch {b})' for k, (m, s, b)
                                                           in MODELS.items()) + f', dims (head dims {HEAD_DIMS})')
     return p.parse_args(argv)
-
-
-def fail(message: str) -> None:
-    print(f'check_kernels.py: error: {message}', file=sys.stderr)
-    raise SystemExit(2)
 
 
 def stage_shapes(case: str):
@@ -136,22 +131,22 @@ def measure(compiled, tools: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not kernels.available():
-        fail('Triton is not installed')
+        raise ScriptError('Triton is not installed')
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     tools = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
     if not os.path.isfile(os.path.join(tools, 'cuobjdump')):
-        fail(f'no cuobjdump in {tools} (Triton {triton.__version__}): its nvidia backend tools are needed')
+        raise ScriptError(f'no cuobjdump in {tools} (Triton {triton.__version__}): its nvidia backend tools are needed')
     cases = [c for c in args.cases.split(',') if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:
-        fail(f'--cases {args.cases!r}: unknown case(s) {unknown}, expected some of {", ".join(CASES)}')
+        raise ScriptError(f'--cases {args.cases!r}: unknown case(s) {unknown}, expected some of {", ".join(CASES)}')
     overrides = {}
     for item in [i for i in args.config.split(',') if i]:
         key, _, value = item.partition('=')
         if key not in kernels.KernelConfig._fields or not value.isdigit() or int(value) < 1:
-            fail(f'--config {item!r}: expected KEY=N with N a positive integer and KEY one of '
+            raise ScriptError(f'--config {item!r}: expected KEY=N with N a positive integer and KEY one of '
                  f'{", ".join(kernels.KernelConfig._fields)}')
         overrides[key] = int(value)
     dtype = getattr(torch, args.dtype)
@@ -192,4 +187,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))

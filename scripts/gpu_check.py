@@ -32,19 +32,15 @@ PEERS = 'rmt_s,swin_tiny_patch4_window7_224,swin_base_patch4_window7_224'
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from rmt.cli import ArgumentParser, positive_float
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--out', default='gpu_report.md', help='the report (Markdown)')
-    p.add_argument('--budget', type=float, default=470, help='seconds for all steps together')
+    p.add_argument('--budget', type=positive_float, default=470, help='seconds for all steps together')
     p.add_argument('--steps', default='tests,parity,bench224,compiled,bench1536,sweep')
     p.add_argument('--device', default='cuda')
     p.add_argument('--smoke', action='store_true', help='toy sizes, any device: checks the command, not the GPU')
     p.add_argument('--parity-child', action='store_true', help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def fail(message: str) -> None:
-    print(f'gpu_check.py: error: {message}', file=sys.stderr)
-    raise SystemExit(2)
 
 
 def steps(args):
@@ -138,15 +134,14 @@ def main(argv=None) -> int:
         parity(args)
         return 0
     import torch
+    from rmt.cli import ScriptError
     if args.device.startswith('cuda') and not torch.cuda.is_available():
-        fail('no CUDA device here: run this on the GPU machine, or pass --smoke --device cpu to check the command')
-    if args.budget <= 0:
-        fail(f'--budget {args.budget}: must be positive (seconds)')
+        raise ScriptError('no CUDA device here: run this on the GPU machine, or pass --smoke --device cpu to check the command')
     plan = steps(args)
     wanted = [s for s in args.steps.split(',') if s]
     unknown = sorted(set(wanted) - {name for name, _, _ in plan})
     if unknown or not wanted:
-        fail(f'--steps {args.steps!r}: unknown step(s) {unknown}, expected some of '
+        raise ScriptError(f'--steps {args.steps!r}: unknown step(s) {unknown}, expected some of '
              f'{", ".join(name for name, _, _ in plan)}')
     plan = [s for s in plan if s[0] in wanted]
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else args.device
@@ -182,4 +177,5 @@ def _triton_version() -> str:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from rmt.cli import run_main
+    sys.exit(run_main(main))

@@ -20,8 +20,9 @@ def test_times_every_stage_along_every_path_it_was_asked_for():
 
 @pytest.mark.parametrize('args,message', [
     (['--model', 'rmt_x'], "--model 'rmt_x': unknown model, expected one of rmt_t, rmt_s, rmt_b, rmt_l"),
-    (['-b', '0'], '--batch-size 0: must be a positive integer'),
-    (['--img-size', '-4'], '--img-size -4: must be a positive integer'),
+    (['-b', '0'], "argument -b/--batch-size: expected a positive integer, got '0'"),
+    (['--img-size', '-4'], "argument --img-size: expected a positive integer, got '-4'"),
+    (['--threads', 'two'], "argument --threads: expected a positive integer, got 'two'"),
     (['--paths', 'sdpa,fast'], "--paths 'sdpa,fast': unknown path(s) ['fast'], expected some of reference, sdpa, "
                                "bmm, blocked, triton"),
 ])
