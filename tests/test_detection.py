@@ -278,28 +278,29 @@ def test_pruned_backbone_loads_a_file_with_every_stage_and_norm(expected):
         assert (got - ref).abs().max().item() < 1e-4
 
 
-def _ddp_worker(rank: int, world: int, init: str, out_indices, results) -> None:
-    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, folder: str, out_indices) -> None:
+    dist.init_process_group('gloo', init_method=f'file://{folder}/store', rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = backbone(out_indices=out_indices).train()
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        torch.manual_seed(rank)
-        for _ in range(2):
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        torch.manual_seed(rank)  # each rank its own batch
+        for _ in range(2):  # an unused parameter fails the second step
             loss = sum(f.square().mean() for f in ddp(torch.randn(2, 3, 32, 32)))
-            opt.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            opt.step()
-        results[rank] = model.model.stem.conv1.weight.detach().clone()
+            optimizer.step()
+        torch.save(model.model.stem.conv1.weight.detach(), f'{folder}/{rank}.pt')
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_trains_two_steps_without_find_unused_parameters(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, f'file://{tmp_path / "store"}', (1, 2, 3), results), nprocs=2, join=True)
-    assert torch.equal(results[0], results[1])  # gradients were all-reduced: both ranks stepped alike
+    # spawned (fresh interpreters): a forked child can hang in the OpenMP pool the parent's tests started
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), (1, 2, 3)), nprocs=2)
+    weights = [torch.load(tmp_path / f'{rank}.pt') for rank in range(2)]
+    assert torch.equal(weights[0], weights[1])  # gradients were all-reduced: both ranks stepped alike
 
 
 # --- training controls on the features_only model ----------------------------------------------------------
