@@ -288,7 +288,8 @@ def _fit(state_dict: Dict[str, Any], model: nn.Module, source: str, strict: bool
     state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.startswith(absent)}
 
     head_in_model = [k for k in expected if k.startswith('head.')]
-    headless_file = bool(head_in_model) and not any(k.startswith(('head.', 'aux_head.')) for k in state_dict)
+    headless_file = bool(head_in_model) and any(k.startswith('stem.') for k in state_dict) \
+        and not any(k.startswith(('head.', 'aux_head.')) for k in state_dict)
     if strict and headless_file and model.num_classes > 0:
         raise CheckpointMismatchError(
             f'{source} has no classification head (it is a detection/segmentation backbone): build a backbone '
