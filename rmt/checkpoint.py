@@ -54,7 +54,8 @@ from .decay import decay_rates, rotary_angles
 
 __all__ = [
     'load_checkpoint_file', 'weights_key', 'has_ema', 'state_dict_from_checkpoint', 'is_released', 'remap_released',
-    'to_model_names', 'CheckpointMismatchError', 'loading', 'released_names_hook', 'checkpoint_filter_fn', 'load_checkpoint',
+    'to_model_names', 'CheckpointMismatchError', 'loading', 'released_names_hook', 'checkpoint_filter_fn',
+    'load_checkpoint',
     'official_config_to_kwargs', 'model_metadata', 'read_model_metadata', 'atomic_write', 'atomic_torch_save',
     'AtomicCheckpointSaver',
 ]
@@ -103,7 +104,8 @@ def _safe_globals() -> Tuple[Any, ...]:
     core = getattr(np, '_core', None) or np.core
     scalar = core.multiarray.scalar
     allowed += [scalar, (scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar'), np.dtype]
-    allowed += [t for t in vars(getattr(np, 'dtypes', object)).values() if isinstance(t, type) and issubclass(t, np.dtype)]
+    dtype_classes = vars(getattr(np, 'dtypes', object)).values()  # numpy >= 1.25: a class per dtype
+    allowed += [t for t in dtype_classes if isinstance(t, type) and issubclass(t, np.dtype)]
     return tuple(allowed)
 
 
@@ -425,9 +427,9 @@ def _is_rmt(model: nn.Module) -> bool:
     return isinstance(model, RMT) or isinstance(getattr(model, 'model', None), RMT)
 
 
-def load_checkpoint(model: nn.Module, checkpoint_path: str, use_ema: bool = True, device: Union[str, torch.device] = 'cpu',
-                    strict: bool = True, remap: bool = False, filter_fn: Optional[Callable] = None,
-                    weights_only: bool = True) -> Any:
+def load_checkpoint(model: nn.Module, checkpoint_path: str, use_ema: bool = True,
+                    device: Union[str, torch.device] = 'cpu', strict: bool = True, remap: bool = False,
+                    filter_fn: Optional[Callable] = None, weights_only: bool = True) -> Any:
     """timm's ``load_checkpoint`` (also what ``create_model(checkpoint_path=...)`` calls), reading the file here
     for RMT models: every failure is one line naming the file, and the files :func:`load_checkpoint_file`
     accepts (numpy scalars in an mmdet ``meta``, for one) load. Other models, ``remap=True``,

@@ -57,7 +57,7 @@ def backbone_with_fpn(
         grad_checkpointing: bool = False,
         **kwargs,
 ) -> RMTWithFPN:
-    """An RMT + FPN backbone for torchvision's detectors, e.g. ``MaskRCNN(backbone_with_fpn('rmt_s', 'RMT-S.pth'), 91)``.
+    """An RMT + FPN backbone for torchvision's detectors: ``MaskRCNN(backbone_with_fpn('rmt_s', 'RMT-S.pth'), 91)``.
 
     Args:
         name: an RMT model name (``rmt_t`` ... ``rmt_l``).

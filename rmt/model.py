@@ -395,8 +395,8 @@ class RMT(nn.Module):
         self.stages = self.stages[:max_index + 1]
         if self.feature_norms is not None:
             pruned += [f'feature_norms.{i}.' for i in range(len(self.feature_norms)) if i not in take_indices]
-            self.feature_norms = nn.ModuleList([
-                norm if i in take_indices else nn.Identity() for i, norm in enumerate(self.feature_norms[:max_index + 1])])
+            kept = self.feature_norms[:max_index + 1]
+            self.feature_norms = nn.ModuleList([n if i in take_indices else nn.Identity() for i, n in enumerate(kept)])
         if prune_end:
             self.num_features = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
     p.add_argument('--grad-checkpointing', action='store_true')
     p.add_argument('--features-only', action='store_true',
-                   help='RMT models as detection backbones (features_only, feature_norm); training sums the stage outputs')
+                   help='RMT models as detection backbones (features_only, feature_norm=True)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--rounds', type=int, default=5)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from timm.optim import create_optimizer_v2
 
-import rmt
+import rmt  # noqa: F401  (registers the models)
 from rmt import load_checkpoint_file
 from rmt.detection import backbone_with_fpn, save_for_timm_backbone
 
