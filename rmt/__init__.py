@@ -3,21 +3,25 @@
 Importing the package registers ``rmt_t``, ``rmt_s``, ``rmt_b`` and ``rmt_l`` with timm.
 
 The model is ``position -> kernels -> attention -> blocks -> model`` (each module imports only those
-before it, and ``mixtoken``); ``checkpoint`` reads checkpoint files and maps their weights; ``export``
-and ``flops`` serve deployment; ``token_labeling`` holds token-labeling training (labels, targets, loss).
-The command-line scripts in ``scripts/`` are thin: what they share lives in ``cli`` (one-line errors,
-checked arguments, config files, model building), ``data`` (datasets and loaders), ``evaluate`` and
-``train_utils`` (files written whole, the checkpoint saver). Every submodule is reachable from
-``import rmt`` alone (``rmt.export.export_program(...)``): the ones not imported here load on first use.
+before it, and ``mixtoken``); ``features`` is its ``features_only`` form; ``checkpoint`` reads checkpoint
+files and maps their weights; ``detection`` puts the backbone into torchvision's detectors and mmdet /
+mmseg; ``export`` and ``flops`` serve deployment; ``token_labeling`` holds token-labeling training
+(labels, targets, loss). The command-line scripts in ``scripts/`` are thin: what they share lives in
+``cli`` (one-line errors, checked arguments, config files, model building), ``data`` (datasets and
+loaders), ``evaluate`` and ``train_utils`` (files written whole, the checkpoint saver). Every submodule
+is reachable from ``import rmt`` alone (``rmt.export.export_program(...)``): the ones not imported
+here load on first use.
 """
 import importlib
 
 from .attention import ATTN_IMPLS, MaSA, plan_attention, set_dispatch_thresholds
 from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, official_config_to_kwargs
 from .position import RelPos2d
+from .features import RMTFeatures
 from .model import RMT
+from . import detection  # so that `import rmt` gives rmt.detection.backbone_with_fpn
 
-__all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'RelPos2d', 'checkpoint_filter_fn', 'load_checkpoint_file',
+__all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'RMTFeatures', 'RelPos2d', 'checkpoint_filter_fn', 'load_checkpoint_file',
            'official_config_to_kwargs', 'plan_attention', 'set_dispatch_thresholds']
 __version__ = '0.1.0'
 

@@ -27,12 +27,13 @@ from timm.layers import (
     SelectAdaptivePool2d, calculate_drop_path_rates, get_device_dtype, trunc_normal_,
     use_fused_attn)
 from timm.models._features import feature_take_indices
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 from timm.models import checkpoint as grad_checkpoint
 
 from .attention import ATTN_IMPLS
 from .blocks import RMTStage, Stem
-from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, read_model_metadata, released_names_hook
+from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, loading, read_model_metadata, released_names_hook
+from .features import RMTFeatures
 from .mixtoken import TokenLabelOutput, mix_tokens, sample_mixtoken_box, unmix_tokens
 
 __all__ = ['RMT', 'RMTHead', 'MODEL_ARGS']
@@ -144,6 +145,9 @@ class RMT(nn.Module):
         attn_impl: attention path, one of ``rmt.ATTN_IMPLS`` ('auto' picks by device and size, or
             'reference' when timm's ``use_fused_attn()`` is off, as under ``exportable=True``; the
             ``RMT_ATTN_IMPL`` environment variable overrides 'auto', see :meth:`set_attn_impl`).
+        grad_checkpointing, frozen_stages, norm_eval: training controls, as :meth:`set_grad_checkpointing`
+            and :meth:`set_frozen_stages` set them (here for configs that can only pass arguments, such as
+            mmdet's through mmpretrain's ``TIMMBackbone``).
         device, dtype: where and in which dtype to create the parameters.
         init_values: the former name of ``decay_exponents``, still accepted with a warning.
     """
@@ -168,6 +172,9 @@ class RMT(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             attn_impl: str = 'auto',
+            grad_checkpointing: bool = False,
+            frozen_stages: int = -1,
+            norm_eval: bool = False,
             device: Optional[Union[str, torch.device]] = None,
             dtype: Optional[torch.dtype] = None,
             init_values: Optional[Sequence[float]] = None,
@@ -190,6 +197,10 @@ class RMT(nn.Module):
         self.token_label_training = False
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
+        self.frozen_stages = -1
+        self.norm_eval = False
+        # state-dict prefixes of what prune_intermediate_layers removed: a checkpoint's tensors for them are ignored
+        self.pruned_prefixes = ()
         self.output_fmt = 'NHWC'
         self.num_features = embed_dims[-1]
         self.head_hidden_size = projection
@@ -226,6 +237,8 @@ class RMT(nn.Module):
         if attn_impl == 'auto' and not use_fused_attn():
             attn_impl = 'reference'  # timm's convention, e.g. under exportable=True: explicit matmuls
         self.set_attn_impl(attn_impl)
+        self.set_grad_checkpointing(grad_checkpointing)
+        self.set_frozen_stages(frozen_stages, norm_eval)
         # released checkpoints load through every path: load_state_dict, timm's load_checkpoint, checkpoint_path=
         self.register_load_state_dict_pre_hook(released_names_hook)
 
@@ -276,6 +289,39 @@ class RMT(nn.Module):
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_frozen_stages(self, frozen_stages: int = -1, norm_eval: bool = False) -> None:
+        """Freeze the stem and the first stages, as mmdet's ``frozen_stages`` and ``norm_eval`` do.
+
+        ``frozen_stages``: -1 freezes nothing, 0 the stem, k the stem and stages 1..k (with their
+        downsampling). Frozen parts get no gradients and stay in eval mode under ``train()`` (their
+        BatchNorm statistics fixed, no drop path). ``norm_eval`` keeps every BatchNorm in eval mode in
+        training too. Calling again with other values undoes the previous freezing.
+        """
+        if not -1 <= frozen_stages <= len(self.stages):
+            raise ValueError(f'frozen_stages must be -1 (none), 0 (the stem) or up to {len(self.stages)}, '
+                             f'got {frozen_stages}')
+        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        frozen = self._frozen_modules()
+        for module in [self.stem, *self.stages]:
+            module.requires_grad_(module not in frozen)
+        self.train(self.training)
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        return [self.stem, *self.stages[:self.frozen_stages]] if self.frozen_stages >= 0 else []
+
+    def train(self, mode: bool = True) -> 'RMT':
+        """``nn.Module.train``, keeping frozen stages (and with ``norm_eval`` every BatchNorm) in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in self._frozen_modules():
+                module.eval()
+            if self.norm_eval:
+                for module in self.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
+        return self
 
     @torch.jit.ignore
     def set_token_label_training(self, enable: bool = True) -> None:
@@ -361,18 +407,26 @@ class RMT(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages after the last of ``indices``, and the head when asked or when stages go."""
+        """Drop the stages after the last of ``indices``, the output norms of stages not in ``indices``, and
+        the head when asked or when stages go, so every parameter left is used by
+        ``forward_intermediates(indices=indices)``. A checkpoint's tensors for the removed parts are ignored
+        on load."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
+        pruned = [f'stages.{i}.' for i in range(max_index + 1, len(self.stages))]
         self.stages = self.stages[:max_index + 1]
         if self.feature_norms is not None:
-            self.feature_norms = self.feature_norms[:max_index + 1]
+            pruned += [f'feature_norms.{i}.' for i in range(len(self.feature_norms)) if i not in take_indices]
+            kept = self.feature_norms[:max_index + 1]
+            self.feature_norms = nn.ModuleList([n if i in take_indices else nn.Identity() for i, n in enumerate(kept)])
         if prune_end:
             self.num_features = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
+            pruned += ['head.', 'aux_head.']
             self.token_label = self.token_label_training = False
             self.aux_head = nn.Identity()
             self.reset_classifier(0, '', reset_other=True)
+        self.pruned_prefixes = tuple(dict.fromkeys(self.pruned_prefixes + tuple(pruned)))
         return take_indices
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -415,6 +469,12 @@ class RMT(nn.Module):
             return self.forward_token_label(x)
         return self.forward_head(self.forward_features(x))
 
+    def load_state_dict(self, state_dict: Dict[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, also taking released and downstream files in their own names (mapped
+        by :func:`rmt.checkpoint.released_names_hook`, which is told ``strict``: torch does not tell hooks)."""
+        with loading(strict=strict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str, use_ema: bool = False) -> None:
         """Load a released or project checkpoint file into this model (timm's ``custom_load`` hook)."""
@@ -426,8 +486,8 @@ class RMT(nn.Module):
             if made_for is None:
                 raise
             name, kwargs = made_for
-            raise ValueError(f'{e}\n{checkpoint_path} was converted for {name} with {kwargs}: create the model '
-                             f'with those arguments') from None
+            raise type(e)(f'{e} | {checkpoint_path} was converted for {name} with {kwargs}: create the model '
+                          f'with those arguments') from None
         self.load_state_dict(state_dict, strict=True)
 
 
@@ -444,13 +504,20 @@ def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
     tag = kwargs.get('pretrained_cfg')
     if isinstance(tag, str) and tag.endswith('_tl'):
         kwargs.setdefault('token_label', True)
-    return build_model_with_cfg(
-        RMT, variant, pretrained,
+    features_only = kwargs.get('features_only', False)
+    model = build_model_with_cfg(
+        RMT, variant, pretrained and not features_only,
         pretrained_cfg_overlay=overlay,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls=RMTFeatures),
         **kwargs,
     )
+    if features_only and pretrained:
+        # loaded after timm's wrapper has pruned the model, so a backbone file (no head, only some
+        # stages' norms used) fits exactly what the backbone keeps
+        load_pretrained(model.model, model.model.pretrained_cfg, num_classes=0, in_chans=model.model.in_chans,
+                        filter_fn=checkpoint_filter_fn, cache_dir=kwargs.get('cache_dir'))
+    return model
 
 
 def _cfg(token_label: bool = False, **kwargs) -> Dict[str, Any]:

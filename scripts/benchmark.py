@@ -19,6 +19,8 @@ decomposed stages grows against their token count. When a target's models are in
 against Swin-T/Swin-B at 224 px, ``rmt_t`` against ``rmt_s`` at 1536 px), it is printed as met or not.
 
 A model given as ``name@impl`` (``rmt_s@sdpa``) runs with that attention path, to compare paths in one run.
+``--features-only`` measures RMT models as detection backbones (``features_only=True, feature_norm=True``;
+a training step back-propagates the mean of each stage output).
 """
 import argparse
 import csv
@@ -93,6 +95,8 @@ def parse_args(argv=None):
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
     p.add_argument('--grad-checkpointing', action='store_true')
+    p.add_argument('--features-only', action='store_true',
+                   help='RMT models as detection backbones (features_only, feature_norm=True)')
     p.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads')
     p.add_argument('--warmup', type=non_negative_int, default=2)
     p.add_argument('--rounds', type=positive_int, default=5)
@@ -117,8 +121,10 @@ def size_name(size) -> str:
 
 def build(spec: str, args, size):
     name, _, impl = spec.partition('@')
+    features = dict(features_only=True, feature_norm=True) if args.features_only else {}
     try:  # fixed-size peers (Swin, ViT) must be told the size they run at
-        model = timm.create_model(name, img_size=size) if not name.startswith('rmt_') else timm.create_model(name)
+        model = timm.create_model(name, img_size=size) if not name.startswith('rmt_') else \
+            timm.create_model(name, **features)
     except TypeError:
         model = timm.create_model(name)
     if impl:
@@ -158,7 +164,9 @@ def make_step(model, args, mode: str, x: torch.Tensor):
 
     def step():
         with autocast:
-            loss = torch.nn.functional.cross_entropy(fn(x), target)
+            out = fn(x)
+            loss = sum(f.float().mean() for f in out) if isinstance(out, list) else \
+                torch.nn.functional.cross_entropy(out, target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -208,7 +216,7 @@ def measure_memory(name: str, mode: str, size, args) -> Dict[str, float]:
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', f'{name}|{mode}|{size_name(size)}',
            '--device', args.device, '--dtype', args.dtype, '-b', str(args.batch_size),
            '--train-batch-size', str(batch_size(args, 'train'))]
-    for flag in ('channels_last', 'compile', 'grad_checkpointing'):
+    for flag in ('channels_last', 'compile', 'grad_checkpointing', 'features_only'):
         if getattr(args, flag):
             cmd.append('--' + flag.replace('_', '-'))
     if args.threads:

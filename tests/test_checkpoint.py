@@ -241,3 +241,72 @@ def test_integer_images_raise_a_one_line_value_error():
 
 def test_one_pixel_input_runs():
     assert fresh()(torch.randn(1, 3, 1, 1)).shape == (1, 10)
+
+
+# --- every timm loading path names the file in one line ---------------------------------------------------
+
+def _unreadable(kind, tmp_path, small_model):
+    if kind == 'empty':
+        data = b''
+    elif kind == 'text':
+        data = b'{"model": "not weights"}\n'
+    elif kind == 'truncated':
+        data = SMALL_CHECKPOINT.read_bytes()[:100_000]
+    elif kind == 'random':
+        data = bytes(range(7, 256)) * 20
+    elif kind == 'list':
+        torch.save([torch.zeros(1)], tmp_path / 'list.pth')
+        return tmp_path / 'list.pth'
+    else:
+        from safetensors.torch import save_file
+        save_file(small_model.state_dict(), str(tmp_path / 'whole.safetensors'))
+        data = (tmp_path / 'whole.safetensors').read_bytes()[:50_000]
+    path = tmp_path / (f'{kind}.safetensors' if kind == 'safetensors' else f'{kind}.pth')
+    path.write_bytes(data)
+    return path
+
+
+LOADERS = {
+    'checkpoint_path': lambda path, **kw: timm.create_model('rmt_t', checkpoint_path=str(path), **small_kwargs(**kw)),
+    'features_only checkpoint_path': lambda path, **kw: timm.create_model(
+        'rmt_t', features_only=True, checkpoint_path=str(path), **small_kwargs(**kw)),
+    'load_checkpoint': lambda path, **kw: timm.models.load_checkpoint(fresh(**kw), str(path)),
+}
+
+
+@pytest.mark.parametrize('loader', LOADERS)
+@pytest.mark.parametrize('kind', ['empty', 'text', 'truncated', 'random', 'list', 'safetensors'])
+def test_unreadable_file_through_timm_paths_is_one_line_naming_it(kind, loader, tmp_path, small_model):
+    path = _unreadable(kind, tmp_path, small_model)
+    with pytest.raises(RuntimeError) as err:
+        LOADERS[loader](path)
+    assert str(path) in str(err.value) and '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('loader', LOADERS)
+def test_missing_file_through_timm_paths_names_it(loader, tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        LOADERS[loader](tmp_path / 'nowhere.pth')
+
+
+@pytest.mark.parametrize('loader', LOADERS)
+def test_another_variant_in_our_names_through_timm_paths_is_one_short_line_naming_the_file(loader, tmp_path):
+    other = timm.create_model('rmt_t', **small_kwargs(embed_dims=(32, 64, 96, 128), depths=(1, 3, 1, 1)))
+    path = tmp_path / 'other.pth'
+    torch.save({'state_dict': other.state_dict()}, path)
+    with pytest.raises(ValueError) as err:
+        LOADERS[loader](path)
+    message = str(err.value)
+    assert message.startswith(f'{path} does not fit this RMT model | shape mismatches (')
+    assert 'missing keys (' in message and 'unexpected keys (' in message
+    assert '\n' not in message and len(message) < 1500
+
+
+def test_another_variant_through_load_state_dict_is_one_line_not_torchs_list():
+    other = timm.create_model('rmt_t', **small_kwargs(depths=(1, 3, 1, 1)))
+    with pytest.raises(RuntimeError) as err:  # torch's exception type, still (and a ValueError)
+        fresh().load_state_dict(other.state_dict())
+    message = str(err.value)
+    assert message.startswith('the state dict does not fit this RMT model | missing keys (24): stages.2.blocks.1.')
+    assert ' | unexpected keys (22): stages.1.blocks.2.' in message
+    assert '\n' not in message and len(message) < 1500
