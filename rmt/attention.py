@@ -35,7 +35,6 @@ the ``sdpa`` / ``blocked`` path (inside the op, so also under ``torch.compile``)
 configuration off the kernels from then on.
 """
 import functools
-import os
 import warnings
 from typing import Dict, List, NamedTuple, Optional, Tuple
 

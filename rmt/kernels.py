@@ -228,13 +228,64 @@ if triton is not None:
         return tl.reshape(tl.join(x0 * c + x1 * s, x1 * c - x0 * s), (BLOCK, D_PAD))
 
     @triton.jit
-    def _tile_tokens(group, SEQS, L: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
-        """(sequence, index in it, segment, valid) of the BLOCK slots of a tile packing PACK sequences of L."""
+    def _program(DECAY, NUM_HEADS: tl.constexpr, BLOCKS: tl.constexpr):
+        """(head, block, sequence or tile group, the head's decay slope in the exp2 domain) of this program.
+        Heads vary fastest, so programs that run together read the same tokens' channels."""
+        pid = tl.program_id(0)
+        head = pid % NUM_HEADS
+        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
+        return head, (pid // NUM_HEADS) % BLOCKS, pid // (NUM_HEADS * BLOCKS), slope
+
+    @triton.jit
+    def _span(start, seq, head, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+              D_PAD: tl.constexpr, L: tl.constexpr, MODE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+        """Tokens ``start .. start + BLOCK`` of a long sequence (valid below L): (index, valid, raster
+        position, row, offsets and mask of the head's channels)."""
+        t = start + tl.arange(0, BLOCK)
+        valid = t < L
+        pos, row = _tokens(seq, t, valid, H, W, MODE, INT64)
+        offs, mask = _offsets(row, valid, head, C, D, D_PAD)
+        return t, valid, pos, row, offs, mask
+
+    @triton.jit
+    def _keys(K, V, ROT, start, seq, head, slope, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
+              D: tl.constexpr, D_PAD: tl.constexpr, L: tl.constexpr, MODE: tl.constexpr, INT64: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+        """The rotated keys (float32), the values, validity, rows and scaled coordinates of the key block at
+        ``start`` (with the roles swapped, a query block and its output gradient)."""
+        t, valid, pos, row, offs, mask = _span(start, seq, head, H, W, C, D, D_PAD, L, MODE, INT64, BLOCK_N)
+        k = _load_rotated(K, offs, mask, ROT, pos, BLOCK_N, D, D_PAD)
+        ci, cj = _coords(t, slope, W, MODE)
+        return k, tl.load(V + offs, mask=mask, other=0.), valid, row, ci, cj
+
+    @triton.jit
+    def _logits(a, b, ci_a, cj_a, ci_b, cj_b, valid_b, MODE: tl.constexpr, IEEE: tl.constexpr,
+                MASK: tl.constexpr):
+        """``a b^T`` plus the decay bias between their tokens (exp2 domain), -inf where ``b``'s token is not
+        valid (when ``MASK``: a ragged last block)."""
+        s = _dot(a, tl.trans(b), IEEE) + _bias(ci_a, cj_a, ci_b, cj_b, MODE)
+        if MASK:
+            s = tl.where(valid_b[None, :], s, float('-inf'))
+        return s
+
+    @triton.jit
+    def _tile(Q, K, V, ROT, DECAY, SEQS, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
+              NUM_HEADS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, L: tl.constexpr, PACK: tl.constexpr,
+              BLOCK: tl.constexpr, MODE: tl.constexpr, INT64: tl.constexpr):
+        """The tile of PACK short sequences of one head: (offsets, mask, raster positions, rotated float32 q,
+        rotated k, v, the tile's logits before the softmax scale of q, masked across sequences)."""
+        head, _, group, slope = _program(DECAY, NUM_HEADS, 1)
         u = tl.arange(0, BLOCK)
         g = u // L
         seq = group * PACK + g
         valid = (g < PACK) & (seq < SEQS)
-        return seq, u - g * L, tl.where(valid, g, PACK), valid
+        t = u - g * L
+        pos, row = _tokens(seq, t, valid, H, W, MODE, INT64)
+        offs, mask = _offsets(row, valid, head, C, D, D_PAD)
+        q = _load_rotated(Q, offs, mask, ROT, pos, BLOCK, D, D_PAD)
+        k = _load_rotated(K, offs, mask, ROT, pos, BLOCK, D, D_PAD).to(V.dtype.element_ty)
+        ci, cj = _coords(t, slope, W, MODE)
+        return offs, mask, pos, q, k, tl.load(V + offs, mask=mask, other=0.), tl.where(valid, g, PACK), ci, cj
 
     @triton.jit
     def _fwd_tile_kernel(
@@ -244,24 +295,13 @@ if triton is not None:
             HAS_RES: tl.constexpr, IEEE: tl.constexpr, INT64: tl.constexpr,
     ):
         """Attention of PACK short sequences of one head, all in one tile: their keys are their queries."""
-        head = tl.program_id(0) % NUM_HEADS
-        group = tl.program_id(0) // NUM_HEADS
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
-        dtype = V.dtype.element_ty
-
-        seq, t, seg, valid = _tile_tokens(group, SEQS, L, PACK, BLOCK)
-        pos, row = _tokens(seq, t, valid, H, W, MODE, INT64)
-        offs, mask = _offsets(row, valid, head, C, D, D_PAD)
-        q = (_load_rotated(Q, offs, mask, ROT, pos, BLOCK, D, D_PAD) * qk_scale).to(dtype)
-        k = _load_rotated(K, offs, mask, ROT, pos, BLOCK, D, D_PAD).to(dtype)
-        v = tl.load(V + offs, mask=mask, other=0.)
-        ci, cj = _coords(t, slope, W, MODE)
-
-        s = _dot(q, tl.trans(k), IEEE) + _bias(ci, cj, ci, cj, MODE)
+        offs, mask, _, q, k, v, seg, ci, cj = _tile(Q, K, V, ROT, DECAY, SEQS, H, W, C, NUM_HEADS, D, D_PAD, L, PACK,
+                                                    BLOCK, MODE, INT64)
+        s = _logits((q * qk_scale).to(v.dtype), k, ci, cj, ci, cj, seg, MODE, IEEE, False)
         if PACK > 1 or L < BLOCK:
             s = tl.where(seg[:, None] == seg[None, :], s, float('-inf'))
         p = tl.exp2(s - tl.max(s, 1)[:, None])
-        out = _dot(p.to(dtype), v, IEEE) / tl.sum(p, 1)[:, None]
+        out = _dot(p.to(v.dtype), v, IEEE) / tl.sum(p, 1)[:, None]
         if HAS_RES:
             out += tl.load(RES + offs, mask=mask, other=0.).to(tl.float32)
         tl.store(O + offs, out.to(O.dtype.element_ty), mask=mask)
@@ -275,39 +315,24 @@ if triton is not None:
             INT64: tl.constexpr,
     ):
         """Attention of one block of queries of a long sequence: an online softmax over its key blocks."""
-        M_BLOCKS: tl.constexpr = (L + BLOCK_M - 1) // BLOCK_M
-        head = tl.program_id(0) % NUM_HEADS
-        m_block = (tl.program_id(0) // NUM_HEADS) % M_BLOCKS
-        seq = tl.program_id(0) // (NUM_HEADS * M_BLOCKS)
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
-        dtype = V.dtype.element_ty
-
-        t_q = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        valid_q = (t_q < L) & (seq < SEQS)
-        pos_q, row_q = _tokens(seq, t_q, valid_q, H, W, MODE, INT64)
-        offs_q, mask_q = _offsets(row_q, valid_q, head, C, D, D_PAD)
-        q = (_load_rotated(Q, offs_q, mask_q, ROT, pos_q, BLOCK_M, D, D_PAD) * qk_scale).to(dtype)
+        head, m_block, seq, slope = _program(DECAY, NUM_HEADS, (L + BLOCK_M - 1) // BLOCK_M)
+        t_q, valid_q, pos_q, row_q, offs_q, mask_q = _span(m_block * BLOCK_M, seq, head, H, W, C, D, D_PAD, L,
+                                                           MODE, INT64, BLOCK_M)
+        q = (_load_rotated(Q, offs_q, mask_q, ROT, pos_q, BLOCK_M, D, D_PAD) * qk_scale).to(V.dtype.element_ty)
         ci_q, cj_q = _coords(t_q, slope, W, MODE)
 
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         for start in range(0, L, BLOCK_N):
-            t_k = start + tl.arange(0, BLOCK_N)
-            valid_k = t_k < L
-            pos_k, row_k = _tokens(seq, t_k, valid_k, H, W, MODE, INT64)
-            offs_k, mask_k = _offsets(row_k, valid_k, head, C, D, D_PAD)
-            k = _load_rotated(K, offs_k, mask_k, ROT, pos_k, BLOCK_N, D, D_PAD).to(dtype)
-            v = tl.load(V + offs_k, mask=mask_k, other=0.)
-            ci_k, cj_k = _coords(t_k, slope, W, MODE)
-            s = _dot(q, tl.trans(k), IEEE) + _bias(ci_q, cj_q, ci_k, cj_k, MODE)
-            if L % BLOCK_N != 0:
-                s = tl.where(valid_k[None, :], s, float('-inf'))
+            k, v, valid_k, row_k, ci_k, cj_k = _keys(K, V, ROT, start, seq, head, slope, H, W, C, D, D_PAD, L, MODE,
+                                                     INT64, BLOCK_N)
+            s = _logits(q, k.to(v.dtype), ci_q, cj_q, ci_k, cj_k, valid_k, MODE, IEEE, L % BLOCK_N != 0)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(dtype), v, IEEE)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         out = acc / l_i[:, None]
         if HAS_RES:
@@ -325,21 +350,11 @@ if triton is not None:
     ):
         """Gradients of PACK short sequences of one head in one tile; the softmax is recomputed in registers
         and ``delta = rowsum(P * dP)`` needs no output."""
-        head = tl.program_id(0) % NUM_HEADS
-        group = tl.program_id(0) // NUM_HEADS
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
-        dtype = V.dtype.element_ty
-
-        seq, t, seg, valid = _tile_tokens(group, SEQS, L, PACK, BLOCK)
-        pos, row = _tokens(seq, t, valid, H, W, MODE, INT64)
-        offs, mask = _offsets(row, valid, head, C, D, D_PAD)
-        q = _load_rotated(Q, offs, mask, ROT, pos, BLOCK, D, D_PAD)
-        k = _load_rotated(K, offs, mask, ROT, pos, BLOCK, D, D_PAD).to(dtype)
-        v = tl.load(V + offs, mask=mask, other=0.)
+        offs, mask, pos, q, k, v, seg, ci, cj = _tile(Q, K, V, ROT, DECAY, SEQS, H, W, C, NUM_HEADS, D, D_PAD, L, PACK,
+                                                      BLOCK, MODE, INT64)
+        dtype = v.dtype
         do = tl.load(DO + offs, mask=mask, other=0.).to(dtype)
-        ci, cj = _coords(t, slope, W, MODE)
-
-        s = _dot((q * qk_scale).to(dtype), tl.trans(k), IEEE) + _bias(ci, cj, ci, cj, MODE)
+        s = _logits((q * qk_scale).to(dtype), k, ci, cj, ci, cj, seg, MODE, IEEE, False)
         if PACK > 1 or L < BLOCK:
             s = tl.where(seg[:, None] == seg[None, :], s, float('-inf'))
         p = tl.exp2(s - tl.max(s, 1)[:, None])
@@ -366,18 +381,12 @@ if triton is not None:
     ):
         """dq of one query block of a long sequence, in one sweep over the keys. First stores
         ``delta = rowsum(dO * O)`` for the dk/dv kernel, O being the pass's output minus what it added."""
-        M_BLOCKS: tl.constexpr = (L + BLOCK_M - 1) // BLOCK_M
-        head = tl.program_id(0) % NUM_HEADS
-        m_block = (tl.program_id(0) // NUM_HEADS) % M_BLOCKS
-        seq = tl.program_id(0) // (NUM_HEADS * M_BLOCKS)
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
+        head, m_block, seq, slope = _program(DECAY, NUM_HEADS, (L + BLOCK_M - 1) // BLOCK_M)
+        t_q, valid_q, pos_q, row_q, offs_q, mask_q = _span(m_block * BLOCK_M, seq, head, H, W, C, D, D_PAD, L,
+                                                           MODE, INT64, BLOCK_M)
         dtype = V.dtype.element_ty
-
-        t_q = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        valid_q = (t_q < L) & (seq < SEQS)
-        pos_q, row_q = _tokens(seq, t_q, valid_q, H, W, MODE, INT64)
-        offs_q, mask_q = _offsets(row_q, valid_q, head, C, D, D_PAD)
         q = (_load_rotated(Q, offs_q, mask_q, ROT, pos_q, BLOCK_M, D, D_PAD) * qk_scale).to(dtype)
+        ci_q, cj_q = _coords(t_q, slope, W, MODE)
         do = tl.load(DO + offs_q, mask=mask_q, other=0.)
         o = tl.load(O + offs_q, mask=mask_q, other=0.).to(tl.float32)
         if HAS_RES:
@@ -386,21 +395,13 @@ if triton is not None:
         tl.store(DELTA + row_q * NUM_HEADS + head, delta, mask=valid_q)
         do = do.to(dtype)
         lse = tl.load(LSE + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
-        ci_q, cj_q = _coords(t_q, slope, W, MODE)
 
         dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         for start in range(0, L, BLOCK_N):
-            t_k = start + tl.arange(0, BLOCK_N)
-            valid_k = t_k < L
-            pos_k, row_k = _tokens(seq, t_k, valid_k, H, W, MODE, INT64)
-            offs_k, mask_k = _offsets(row_k, valid_k, head, C, D, D_PAD)
-            k = _load_rotated(K, offs_k, mask_k, ROT, pos_k, BLOCK_N, D, D_PAD).to(dtype)
-            v = tl.load(V + offs_k, mask=mask_k, other=0.)
-            ci_k, cj_k = _coords(t_k, slope, W, MODE)
-            s = _dot(q, tl.trans(k), IEEE) + _bias(ci_q, cj_q, ci_k, cj_k, MODE)
-            if L % BLOCK_N != 0:
-                s = tl.where(valid_k[None, :], s, float('-inf'))
-            p = tl.exp2(s - lse[:, None])
+            k, v, valid_k, row_k, ci_k, cj_k = _keys(K, V, ROT, start, seq, head, slope, H, W, C, D, D_PAD, L, MODE,
+                                                     INT64, BLOCK_N)
+            k = k.to(dtype)
+            p = tl.exp2(_logits(q, k, ci_q, cj_q, ci_k, cj_k, valid_k, MODE, IEEE, L % BLOCK_N != 0) - lse[:, None])
             ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dq += _dot(ds.to(dtype), k, IEEE)
         dq = _rotate_back(dq * scale, ROT, pos_q, mask_q, BLOCK_M, D, D_PAD)
@@ -415,42 +416,30 @@ if triton is not None:
             D_PAD: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             MODE: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, INT64: tl.constexpr,
     ):
-        """dk and dv of one key block of a long sequence, in one sweep over the query blocks."""
-        N_BLOCKS: tl.constexpr = (L + BLOCK_N - 1) // BLOCK_N
-        head = tl.program_id(0) % NUM_HEADS
-        n_block = (tl.program_id(0) // NUM_HEADS) % N_BLOCKS
-        seq = tl.program_id(0) // (NUM_HEADS * N_BLOCKS)
-        slope = tl.load(DECAY + head).to(tl.float32) * 1.4426950408889634
+        """dk and dv of one key block of a long sequence, in one sweep over the query blocks (the roles of
+        :func:`_bwd_dq_kernel` swapped: the logits are transposed, keys by queries)."""
+        head, n_block, seq, slope = _program(DECAY, NUM_HEADS, (L + BLOCK_N - 1) // BLOCK_N)
+        t_k, valid_k, pos_k, row_k, offs_k, mask_k = _span(n_block * BLOCK_N, seq, head, H, W, C, D, D_PAD, L, MODE,
+                                                           INT64, BLOCK_N)
         dtype = V.dtype.element_ty
-
-        t_k = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid_k = (t_k < L) & (seq < SEQS)
-        pos_k, row_k = _tokens(seq, t_k, valid_k, H, W, MODE, INT64)
-        offs_k, mask_k = _offsets(row_k, valid_k, head, C, D, D_PAD)
-        k = _load_rotated(K, offs_k, mask_k, ROT, pos_k, BLOCK_N, D, D_PAD)
-        k_scaled = (k * qk_scale).to(dtype)
+        k = _load_rotated(K, offs_k, mask_k, ROT, pos_k, BLOCK_N, D, D_PAD).to(dtype)
         v = tl.load(V + offs_k, mask=mask_k, other=0.)
         ci_k, cj_k = _coords(t_k, slope, W, MODE)
 
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for start in range(0, L, BLOCK_M):
-            t_q = start + tl.arange(0, BLOCK_M)
-            valid_q = t_q < L
-            pos_q, row_q = _tokens(seq, t_q, valid_q, H, W, MODE, INT64)
-            offs_q, mask_q = _offsets(row_q, valid_q, head, C, D, D_PAD)
-            q = _load_rotated(Q, offs_q, mask_q, ROT, pos_q, BLOCK_M, D, D_PAD).to(dtype)
-            do = tl.load(DO + offs_q, mask=mask_q, other=0.).to(dtype)
+            q, do, valid_q, row_q, ci_q, cj_q = _keys(Q, DO, ROT, start, seq, head, slope, H, W, C, D, D_PAD, L, MODE,
+                                                      INT64, BLOCK_M)
             lse = tl.load(LSE + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
             delta = tl.load(DELTA + row_q * NUM_HEADS + head, mask=valid_q, other=0.)
-            ci_q, cj_q = _coords(t_q, slope, W, MODE)
-            s_t = _dot(k_scaled, tl.trans(q), IEEE) + _bias(ci_k, cj_k, ci_q, cj_q, MODE)
-            if L % BLOCK_M != 0:
-                s_t = tl.where(valid_q[None, :], s_t, float('-inf'))
-            p_t = tl.exp2(s_t - lse[None, :])
+            # the logits as the forward rounded them: q scaled, then cast
+            p_t = tl.exp2(_logits(k, (q * qk_scale).to(dtype), ci_k, cj_k, ci_q, cj_q, valid_q, MODE, IEEE,
+                                  L % BLOCK_M != 0) - lse[None, :])
+            do = do.to(dtype)
             dv += _dot(p_t.to(dtype), do, IEEE)
             ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-            dk += _dot(ds_t.to(dtype), q, IEEE)
+            dk += _dot(ds_t.to(dtype), q.to(dtype), IEEE)
         dk = _rotate_back(dk * scale, ROT, pos_k, mask_k, BLOCK_N, D, D_PAD)
         if ACCUMULATE:
             dk += tl.load(DK + offs_k, mask=mask_k, other=0.).to(tl.float32)

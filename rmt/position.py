@@ -19,7 +19,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ['decay_rates', 'rotary_angles', 'rotary_tables', 'rotation_to_sin_cos', 'axis_bias', 'manhattan_bias', 'theta_shift',
+__all__ = ['decay_rates', 'rotary_angles', 'rotary_tables', 'rotation_to_sin_cos', 'axis_bias', 'manhattan_bias',
+           'position_tables', 'theta_shift',
            'theta_shift_reference', 'PositionTables', 'RelPos2d']
 
 
@@ -121,6 +122,24 @@ def _use_complex(x: torch.Tensor, rotation: torch.Tensor) -> bool:
         and x.dtype == rotation.dtype and x.stride(-1) == 1
 
 
+def position_tables(num_heads: int, head_dim: int, decay_exponent: float, heads_range: float, H: int, W: int,
+                    device: torch.device, dtype: torch.dtype, with_2d: bool) -> PositionTables:
+    """The rotary and decay tables of a stage of ``num_heads`` heads of ``head_dim`` channels on an H x W map,
+    in ``dtype`` (the rotation pairs only for float32/64), with the (n, HW, HW) bias when ``with_2d``."""
+    decay = decay_rates(num_heads, decay_exponent, heads_range)
+    sin, cos = rotary_tables(rotary_angles(head_dim), H, W, device, dtype)
+    if dtype == torch.float32 or dtype == torch.float64:
+        rotation = torch.stack((cos[..., 0::2], sin[..., 1::2]), dim=-1)
+    else:
+        rotation = torch.empty(0, device=device, dtype=dtype)
+    bias_h, bias_w = axis_bias(decay, H, device, dtype), axis_bias(decay, W, device, dtype)
+    bias_2d = manhattan_bias(bias_h, bias_w) if with_2d else torch.empty(0, device=device, dtype=dtype)
+    return PositionTables(sin, cos, rotation, decay.to(device), bias_h, bias_w, bias_2d)
+
+
+torch.fx.wrap('position_tables')  # FX graphs (torchvision's feature extraction) build the tables as one node
+
+
 class RelPos2d(nn.Module):
     """Rotary and decay tables of one stage, cached per (H, W, device, dtype); the released ``Relpos``.
 
@@ -144,15 +163,8 @@ class RelPos2d(nn.Module):
 
     def build(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> PositionTables:
         """Compute the tables from scratch (what the cache stores)."""
-        decay = decay_rates(self.num_heads, self.decay_exponent, self.heads_range)
-        sin, cos = rotary_tables(rotary_angles(self.head_dim), H, W, device, dtype)
-        if dtype == torch.float32 or dtype == torch.float64:
-            rotation = torch.stack((cos[..., 0::2], sin[..., 1::2]), dim=-1)
-        else:
-            rotation = torch.empty(0, device=device, dtype=dtype)
-        bias_h, bias_w = axis_bias(decay, H, device, dtype), axis_bias(decay, W, device, dtype)
-        bias_2d = manhattan_bias(bias_h, bias_w) if with_2d else torch.empty(0, device=device, dtype=dtype)
-        return PositionTables(sin, cos, rotation, decay.to(device), bias_h, bias_w, bias_2d)
+        return position_tables(self.num_heads, self.head_dim, self.decay_exponent, self.heads_range, H, W, device,
+                               dtype, with_2d)
 
     def forward(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> PositionTables:
         if torch.jit.is_scripting():
@@ -161,8 +173,9 @@ class RelPos2d(nn.Module):
 
     @torch.jit.unused
     def _cached(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> PositionTables:
-        if isinstance(H, torch.fx.Proxy):  # torch.fx / torchvision feature extraction: one node for the tables
-            return _tables_of(self, H, W, device, dtype, with_2d)
+        if isinstance(H, torch.fx.Proxy):  # torch.fx / torchvision feature extraction: one node, built per call
+            return position_tables(self.num_heads, self.head_dim, self.decay_exponent, self.heads_range, H, W, device,
+                                   dtype, with_2d)
         if torch.compiler.is_compiling() or torch.jit.is_tracing():  # tables traced from the input's sizes
             return self.build(H, W, device, dtype, with_2d)
         # tables made under inference_mode cannot be saved for backward later, so they key apart
@@ -181,11 +194,3 @@ class RelPos2d(nn.Module):
         return f'num_heads={self.num_heads}, head_dim={self.head_dim}, ' \
                f'decay_exponent={self.decay_exponent}, heads_range={self.heads_range}'
 
-
-def _tables_of(relpos: RelPos2d, H: int, W: int, device: torch.device, dtype: torch.dtype,
-               with_2d: bool) -> PositionTables:
-    """``relpos(H, W, ...)``; an FX graph calls this, so its tables come from the module's cache at run time."""
-    return relpos.forward(H, W, device, dtype, with_2d)
-
-
-torch.fx.wrap('_tables_of')

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ieee = dtype == torch.float32 and args.fp32_precision == 'highest'
     driver.set_active(_TargetDriver(GPUTarget('cuda', args.arch, 32)))
 
-    seen, rows, errors, spills, oversized = set(), [], 0, 0, 0
+    seen, errors, spills, oversized = set(), 0, 0, 0
     limit = SHARED_LIMIT[args.arch]
     print(f'Triton {triton.__version__}, sm_{args.arch}, {args.dtype}'
           f'{" (IEEE dots)" if ieee else " (tf32 dots)" if dtype == torch.float32 else ""}'

@@ -165,7 +165,7 @@ def test_full_attention_gradients_match_reference(impl, thresholds):
         q, k, v = [t.requires_grad_() for t in make_qkv(H=H, W=W)]
         full_attention(q, k, v, tables, 0.3, path).pow(2).sum().backward()
         grads.append([q.grad, k.grad, v.grad])
-    for ref, out in zip(*grads):
+    for ref, out in zip(*grads, strict=True):
         assert (ref - out).abs().max().item() < 1e-5
 
 
@@ -177,7 +177,7 @@ def test_decomposed_bmm_gradients_match_reference():
         q, k, v = [t.requires_grad_() for t in make_qkv(H=H, W=W)]
         decomposed_attention(q, k, v, tables, 0.3, impl).pow(2).sum().backward()
         grads.append([q.grad, k.grad, v.grad])
-    for ref, out in zip(*grads):
+    for ref, out in zip(*grads, strict=True):
         assert (ref - out).abs().max().item() < 1e-5
 
 

@@ -16,7 +16,8 @@ def test_gelu_dwconv_matches_gelu_then_conv_with_gradients():
     want = F.conv2d(F.gelu(x), weight, bias, padding=1, groups=12)
     torch.testing.assert_close(got, want)
     grad = torch.randn_like(want)
-    pairs = zip(torch.autograd.grad(got, (x, weight, bias), grad), torch.autograd.grad(want, (x, weight, bias), grad))
+    pairs = zip(torch.autograd.grad(got, (x, weight, bias), grad), torch.autograd.grad(want, (x, weight, bias), grad),
+                strict=True)
     for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

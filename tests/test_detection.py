@@ -3,7 +3,6 @@ timm path, the backbone's training controls, torchvision's detectors, and mmdet 
 import importlib.util
 import itertools
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -17,9 +16,9 @@ import rmt  # noqa: F401  (registers the models)
 from rmt import load_checkpoint_file
 from rmt.detection import backbone_with_fpn, save_for_timm_backbone
 
-from tests.helpers import FIXTURES, SMALL_CHECKPOINT, small_kwargs
+from tests.helpers import DETECTION_CHECKPOINT, FIXTURES, SMALL_CHECKPOINT, CodePayload, small_kwargs
 
-DETECTION = FIXTURES / 'official_small_detection_checkpoint.pth'
+DETECTION = DETECTION_CHECKPOINT
 
 
 @pytest.fixture(scope='module')
@@ -39,7 +38,7 @@ def assert_released_features(model, expected):
             features = model(x)
         want = expected['features'][size]
         assert len(features) == len(want) == 4
-        for s, (got, ref) in enumerate(zip(features, want)):
+        for s, (got, ref) in enumerate(zip(features, want), strict=True):
             assert got.shape == ref.shape, (size, s)
             assert (got - ref).abs().max().item() < 1e-4, (size, s)
 
@@ -185,23 +184,16 @@ def test_numpy_scalars_and_dtypes_in_meta_load(tmp_path, expected):
     assert_released_features(backbone(checkpoint_path=str(path)), expected)
 
 
-class _Payload:
-    def __reduce__(self):
-        return os.system, ('touch /tmp/rmt_meta_payload_ran',)
-
-
 def test_code_in_meta_is_refused(tmp_path):
-    marker = '/tmp/rmt_meta_payload_ran'
-    if os.path.exists(marker):
-        os.remove(marker)
+    payload = CodePayload(str(tmp_path / 'payload_ran'))
     state = load_checkpoint_file(DETECTION)
-    state['meta']['hook'] = _Payload()
+    state['meta']['hook'] = payload
     path = tmp_path / 'evil.pth'
     torch.save(state, path)
     for load in (lambda: load_checkpoint_file(path), lambda: backbone(checkpoint_path=str(path))):
         with pytest.raises(RuntimeError, match=r'refusing to load .*evil.pth: it holds posix.system'):
             load()
-    assert not os.path.exists(marker)
+    assert not payload.ran()
 
 
 def test_numpy_arrays_in_meta_are_still_refused(tmp_path):

@@ -37,7 +37,7 @@ def test_features_only_gives_released_stage_outputs_nchw_at_strides_4_to_32(expe
         with torch.no_grad():
             feats = model(ref['input'])
         assert len(feats) == 4
-        for got, want in zip(feats, ref['stage_features']):
+        for got, want in zip(feats, ref['stage_features'], strict=True):
             assert got.shape == want.shape, size  # NCHW, (H, W) = ceil of the input over the stride
             assert (got - want).abs().max().item() < 1e-4, size
 
@@ -57,7 +57,7 @@ def test_feature_norm_is_a_layer_norm_over_channels_like_the_released_dense_back
             n.weight.copy_(torch.linspace(0.5, 2.0, n.weight.numel()))
             n.bias.fill_(0.1 * (s + 1))
         learned = model(ref['input'])
-    for s, (got_fresh, got, want) in enumerate(zip(fresh, learned, ref['stage_features'])):
+    for s, (got_fresh, got, want) in enumerate(zip(fresh, learned, ref['stage_features'], strict=True)):
         normed = F.layer_norm(want.permute(0, 2, 3, 1), want.shape[1:2], eps=1e-5).permute(0, 3, 1, 2)
         assert (got_fresh - normed).abs().max().item() < 1e-4
         # per-location mean 0, variance 1 over channels

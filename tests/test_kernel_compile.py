@@ -33,7 +33,7 @@ def test_every_rmt_t_kernel_compiles_for_the_gpu_without_spilling(arch):
     # without statistics, dq, dk/dv), stage 4 tile (forward, backward)
     assert len(table) == 14, proc.stdout
     assert all(int(r[6]) == 0 for r in table)
-    assert f'errors=0 spills=0 over_shared=0' in proc.stdout
+    assert 'errors=0 spills=0 over_shared=0' in proc.stdout
     if arch == 90:  # stage 1's forward (56-token rows, 16-channel heads): 1,417 instructions per warp before
         stage1 = [r for r in table if r[1] == '1' and r[2] == 'fwd_tile rows']
         assert len(stage1) == 1 and int(stage1[0][8]) <= 900

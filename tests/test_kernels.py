@@ -74,7 +74,7 @@ def test_masa_gradients_match_reference(decomposed, B, H, W, n, d):
     got = torch.autograd.grad(out, (q, k, v, lce), grad)
     want = torch.autograd.grad(expected, (q, k, v, lce), grad)
     assert len(got) == len(want) == 4
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)
 
 
@@ -128,7 +128,7 @@ def test_backward_op_writes_none_of_its_inputs():
     before = [t.clone() for t in inputs]
     _masa_backward_op(*inputs, n, decomposed, ieee, config)
     assert len(inputs) == len(before) == 10
-    for got, want in zip(inputs, before):
+    for got, want in zip(inputs, before, strict=True):
         assert torch.equal(got, want)
 
 

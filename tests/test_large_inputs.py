@@ -32,7 +32,7 @@ def test_model_at_640px_on_the_automatic_path_matches_reference():
         model.set_attn_impl('reference')
         ref = model.forward_intermediates(x, intermediates_only=True)
     assert len(fast) == len(ref) == 4
-    for a, b in zip(fast, ref):
+    for a, b in zip(fast, ref, strict=True):
         assert (a - b).abs().max().item() < 1e-4
 
 

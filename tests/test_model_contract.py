@@ -5,7 +5,6 @@ path, so the behaviour checks build each variant with one block per stage ("shal
 widths, heads, decay settings, layer scale and decomposed/full stages, a fraction of the time.
 """
 import copy
-import fnmatch
 import inspect
 import json
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from timm.optim import create_optimizer_v2
 from timm.models._manipulate import group_parameters
 
 import rmt  # noqa: F401  (registers the models)
@@ -141,14 +141,24 @@ def test_unknown_constructor_argument_raises_type_error():
 
 
 @pytest.mark.parametrize('name', VARIANTS)
-def test_group_matcher_and_no_weight_decay_match_parameters(name):
+def test_group_matcher_groups_every_parameter_by_stage(name):
     model = meta_model(name)
-    groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
-    assert len(set(groups.values())) > 1
+    groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)  # name -> group
+    assert sorted(groups) == sorted(n for n, _ in model.named_parameters())
+    # stem, one group per block (a stage's downsampling joins its first block), head
+    assert len(set(groups.values())) == 1 + sum(MODEL_ARGS[name]['depths']) + 1
     coarse = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
     assert len(set(coarse.values())) == 6  # stem, four stages, head
-    names = [n for n, _ in model.named_parameters()]
-    assert all(any(fnmatch.fnmatch(n, p) for n in names) for p in model.no_weight_decay())
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_weight_decay_spares_exactly_biases_norms_and_layer_scales(name):
+    model = meta_model(name)
+    assert model.no_weight_decay() == set()  # timm's rule (1-D tensors) already covers what RMT needs
+    groups = create_optimizer_v2(model, 'adamw', weight_decay=0.05).param_groups
+    spared = {id(p) for g in groups if g['weight_decay'] == 0 for p in g['params']}
+    one_dimensional = {id(p) for p in model.parameters() if p.ndim <= 1}
+    assert spared == one_dimensional and len(spared) > 100
 
 
 @pytest.mark.parametrize('name', VARIANTS)
@@ -181,9 +191,9 @@ def test_grad_checkpointing_gives_the_same_gradients_and_batchnorm_stats():
     x = torch.randn(2, 3, 64, 48)
     for m in (model, checkpointed):
         m(x).sum().backward()
-    for (name, a), b in zip(model.named_parameters(), checkpointed.parameters()):
+    for (name, a), b in zip(model.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
-    for (name, a), b in zip(model.named_buffers(), checkpointed.buffers()):
+    for (name, a), b in zip(model.named_buffers(), checkpointed.buffers(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 

@@ -1,6 +1,7 @@
 """The README's Python blocks run as written, each in a fresh interpreter.
 
-The released files they name (``RMT-S.pth``, ``RMT-S-TL.pth``, ``custom.json``) are the fixtures, a small
+The released files they name (``RMT-S.pth``, ``RMT-S-TL.pth``, ``custom.json``, the detectors
+``maskrcnn_s_1x.pth`` and ``RMT_Uper_s_2x.pth``) are the fixtures, a small
 configuration of the released format: in the blocks' folder they stand under those names, and
 ``timm.create_model`` gives RMT models the fixtures' configuration unless a block says otherwise
 (the code is the README's; only the files and the model size are stand-ins).
@@ -8,9 +9,11 @@ configuration of the released format: in the blocks' folder they stand under tho
 import re
 import shutil
 
-from tests.helpers import REPO, SMALL_CHECKPOINT, SMALL_CONFIG, SMALL_TL_CHECKPOINT, run_side_by_side
+from tests.helpers import (
+    DETECTION_CHECKPOINT, REPO, SMALL_CHECKPOINT, SMALL_CONFIG, SMALL_TL_CHECKPOINT, run_side_by_side)
 
-STAND_INS = {'RMT-S.pth': SMALL_CHECKPOINT, 'RMT-S-TL.pth': SMALL_TL_CHECKPOINT, 'custom.json': SMALL_CONFIG}
+STAND_INS = {'RMT-S.pth': SMALL_CHECKPOINT, 'RMT-S-TL.pth': SMALL_TL_CHECKPOINT, 'custom.json': SMALL_CONFIG,
+             'maskrcnn_s_1x.pth': DETECTION_CHECKPOINT, 'RMT_Uper_s_2x.pth': DETECTION_CHECKPOINT}
 
 PRELUDE = f'''
 import json, runpy, sys
@@ -44,5 +47,5 @@ def test_readme_python_blocks_run_as_written(tmp_path):
     for i, block in enumerate(blocks):
         (tmp_path / f'block{i}.py').write_text(block)
     results = run_side_by_side(*(['-c', PRELUDE, f'block{i}.py'] for i in range(len(blocks))), cwd=tmp_path)
-    for block, (code, out, err) in zip(blocks, results):
+    for block, (code, out, err) in zip(blocks, results, strict=True):
         assert code == 0, f'README block failed (exit {code}):\n{block}\n{err[-4000:]}'

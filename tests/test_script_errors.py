@@ -270,7 +270,7 @@ def test_every_script_run_as_a_user_would_answers_a_mistake_with_one_line_and_st
                              f'--test-file {wrong}/nope.py: no such test file'),
     }
     results = run_side_by_side(*(argv for argv, _ in cases.values()))
-    for (prog, (_, expected)), (code, out, err) in zip(cases.items(), results):
+    for (prog, (_, expected)), (code, out, err) in zip(cases.items(), results, strict=True):
         assert code == 2, f'{prog} exited {code}:\n{err[-3000:]}'
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f'{prog}: error: {expected}'), f'{prog}:\n{err[-3000:]}'

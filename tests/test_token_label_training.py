@@ -43,7 +43,7 @@ def train_command(*args: str) -> list:
 def run_together(*commands: list) -> None:
     """Run ``python ARGS...`` commands side by side (the cores are used either way); fail with the output of any that
     fails."""
-    for c, (code, out, err) in zip(commands, run_side_by_side(*commands)):
+    for c, (code, out, err) in zip(commands, run_side_by_side(*commands), strict=True):
         assert code == 0, f'{" ".join(map(str, c))} exited {code}:\n{out[-2000:]}\n{err[-4000:]}'
 
 
