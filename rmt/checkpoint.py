@@ -43,7 +43,7 @@ from torch import nn
 
 import timm.models
 from timm.models import clean_state_dict
-from timm.models._manipulate import adapt_input_conv
+from timm.models import adapt_input_conv
 
 from .position import decay_rates, rotary_angles
 

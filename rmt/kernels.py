@@ -75,20 +75,20 @@ class KernelConfig(NamedTuple):
 
 def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
     """The settings the op uses for heads of ``head_dim`` in ``dtype`` on compute capability ``arch``
-    (major * 10 + minor; the interpreter counts as 90), chosen so that no kernel spills registers or
-    exceeds the 99 KB of shared memory of sm_86 / sm_89 (measured by ``scripts/check_kernels.py``).
+    (major * 10 + minor; the interpreter counts as 90): the largest tiles with which no kernel spills
+    registers, crashes the compiler, or exceeds the 99 KB of shared memory of sm_86 / sm_89, with
+    Triton 3.2, 3.3, 3.6 and 3.8 (measured by ``scripts/check_kernels.py``; the README has the table).
 
-    Before Hopper the dot operands live in registers: heads padded to 64 channels take 32-token tiles
-    and blocks there. From Hopper on, 64-channel heads (and float32 ones above 16) take 8 warps in
-    backward and two pipeline stages.
+    Heads padded to 64 channels (float32 ones to 32) take 32-token tiles and blocks without software
+    pipelining. Before Hopper the dot operands live in registers, so the looped kernels take 32-token
+    blocks there for every head size.
     """
     padded = max(16, 1 << (head_dim - 1).bit_length())
-    wide = padded >= 64 or (dtype == torch.float32 and padded >= 32)
-    if not wide:
-        return KernelConfig()
+    if padded >= 64 or (dtype == torch.float32 and padded >= 32):
+        return KernelConfig(tile=32, block_m=32, block_n=32, num_stages=1)
     if arch < 90:
-        return KernelConfig(tile=32, block_m=32, block_n=32, num_stages=2)
-    return KernelConfig(bwd_warps=8, num_stages=2)
+        return KernelConfig(block_m=32, block_n=32)
+    return KernelConfig()
 
 
 def target_arch(device: torch.device) -> int:

@@ -49,14 +49,32 @@ def parse_args(argv=None):
                    help="torch.get_float32_matmul_precision() to compile float32 for ('high': tf32 dots)")
     p.add_argument('--config', default='', metavar='KEY=VALUE,...',
                    help='kernel settings instead of the defaults, e.g. tile=32,num_warps=8 (rmt.kernels.KernelConfig)')
+    p.add_argument('--shape', default=None, metavar='B,H,W,C,HEADS,FORM',
+                   help='one stage shape instead of the cases (FORM: decomposed or full), e.g. 2,7,7,64,2,full')
     p.add_argument('--cases', default='t224,s224,t1536,dims',
                    help='comma-separated, from ' + ', '.join(f'{k} ({m} at {s} px, batch {b})' for k, (m, s, b)
                                                           in MODELS.items()) + f', dims (head dims {HEAD_DIMS})')
     return p.parse_args(argv)
 
 
+def parse_shape(text: str):
+    """``--shape B,H,W,C,HEADS,FORM`` as (batch, label, H, W, C, heads, decomposed)."""
+    *numbers, form = text.split(',')
+    if len(numbers) != 5 or not all(n.isdigit() and int(n) > 0 for n in numbers) or form not in ('decomposed', 'full'):
+        raise ScriptError(f'--shape {text!r}: expected B,H,W,C,HEADS,FORM with positive integers and FORM '
+                          f'decomposed or full')
+    B, H, W, C, heads = map(int, numbers)
+    if C % heads or (C // heads) % 2 or C // heads > kernels.MAX_HEAD_DIM:
+        raise ScriptError(f'--shape {text!r}: {C} channels do not split into {heads} heads of an even size up to '
+                          f'{kernels.MAX_HEAD_DIM}')
+    return B, 'shape', H, W, C, heads, form == 'decomposed'
+
+
 def stage_shapes(case: str):
     """(batch, stage, H, W, C, heads, decomposed) of every MaSA stage shape of a case."""
+    if case.count(',') == 5:
+        yield parse_shape(case)
+        return
     if case == 'dims':
         for d in HEAD_DIMS:
             for label, H, W, decomposed in (('tile', 20, 20, True), ('loop', 72, 72, True), ('tile', 6, 6, False),
@@ -138,8 +156,10 @@ def main(argv=None) -> int:
     tools = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
     if not os.path.isfile(os.path.join(tools, 'cuobjdump')):
         raise ScriptError(f'no cuobjdump in {tools} (Triton {triton.__version__}): its nvidia backend tools are needed')
-    cases = [c for c in args.cases.split(',') if c]
-    unknown = [c for c in cases if c not in CASES]
+    cases = [args.shape] if args.shape else [c for c in args.cases.split(',') if c]
+    unknown = [c for c in cases if c not in CASES and c != args.shape]
+    if args.shape:
+        parse_shape(args.shape)
     if unknown or not cases:
         raise ScriptError(f'--cases {args.cases!r}: unknown case(s) {unknown}, expected some of {", ".join(CASES)}')
     overrides = {}
@@ -169,7 +189,8 @@ def main(argv=None) -> int:
                     continue
                 seen.add(key)
                 cx = launch.constexprs
-                label = f'| {case} | {stage} | {name} {"rows cols full".split()[cx["MODE"]]} | {cx["L"]} | {cx["D"]} |'
+                label = f'| {"shape" if case == args.shape else case} | {stage} | {name} ' \
+                        f'{"rows cols full".split()[cx["MODE"]]} | {cx["L"]} | {cx["D"]} |'
                 try:
                     regs, spill, shared, instr = measure(compile_only(launch, args.arch), tools)
                 except Exception as e:  # noqa: BLE001 (any compile failure is reported, then the exit code says it)

@@ -53,6 +53,22 @@ class CodePayload:
         return os.path.exists(self.marker)
 
 
+def one_line_error(capsys, main, argv) -> str:
+    """Run a script's ``main(argv)`` as its ``__main__`` does (``rmt.cli.run_main``, program name PROG); return
+    its error line after checking exit status 2, one line on stderr and no traceback."""
+    import pytest
+    from rmt.cli import run_main
+    with pytest.raises(SystemExit) as exit_:
+        run_main(main, [str(a) for a in argv], prog='PROG')
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert 'Traceback' not in err
+    errors = [line for line in err.splitlines() if 'error' in line.lower()]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert errors[0].startswith('PROG: error: ')
+    return errors[0]
+
+
 def small_kwargs(**overrides):
     """Model kwargs of the fixtures' small configuration (10 classes)."""
     return dict(rmt.official_config_to_kwargs(json.loads(SMALL_CONFIG.read_text())), **overrides)

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from rmt import kernels
-from tests.helpers import script
+from tests.helpers import load_script, one_line_error, script
 
-pytestmark = pytest.mark.slow
+bench_kernels = load_script('bench_kernels')
 
 
+@pytest.mark.slow
 def test_times_every_stage_along_every_path_it_was_asked_for():
     proc = script('bench_kernels', '--model', 'rmt_t', '-b', '1', '--img-size', '32', '--dtype', 'float32',
                   '--device', 'cpu', '--paths', 'sdpa,bmm,reference,blocked')
@@ -26,12 +27,18 @@ def test_times_every_stage_along_every_path_it_was_asked_for():
     (['--paths', 'sdpa,fast'], "--paths 'sdpa,fast': unknown path(s) ['fast'], expected some of reference, sdpa, "
                                "bmm, blocked, triton"),
 ])
-def test_wrong_arguments_end_in_one_line(args, message):
-    proc = script('bench_kernels', '--device', 'cpu', *args, check=False)
-    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f'bench_kernels.py: error: {message}']
+def test_wrong_arguments_end_in_one_line(capsys, args, message):
+    assert one_line_error(capsys, bench_kernels.main, ['--device', 'cpu', *args]) == f'PROG: error: {message}'
 
 
+def test_a_device_that_is_not_here_ends_in_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    assert one_line_error(capsys, bench_kernels.main, ['--device', 'cuda']) == \
+        "PROG: error: argument --device: 'cuda': this machine has no CUDA device; use --device cpu"
+
+
+@pytest.mark.slow
 def test_the_triton_path_on_a_plain_cpu_ends_in_one_line_naming_why(monkeypatch):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)  # the subprocess sees the CPU without the interpreter
     proc = script('bench_kernels', '--device', 'cpu', '--dtype', 'float32', check=False)

@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 from timm.optim import create_optimizer_v2
-from timm.models._manipulate import group_parameters
+from timm.models import group_parameters
 
 import rmt  # noqa: F401  (registers the models)
 from rmt.model import MODEL_ARGS

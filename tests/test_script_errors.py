@@ -18,7 +18,8 @@ from PIL import Image
 import rmt.__main__
 from rmt.cli import run_main
 from tests.helpers import (
-    SCRIPTS, SMALL_CHECKPOINT, SMOKE_CONFIG, digits_folder, load_script, run_side_by_side, write_digits_folder)
+    SCRIPTS, SMALL_CHECKPOINT, SMOKE_CONFIG, digits_folder, load_script, one_line_error, run_side_by_side,
+    write_digits_folder)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -205,19 +206,6 @@ def wrong(tmp_path_factory):
     fake_run_checkpoint(root / 'other.pth.tar', 0, **dict(SMOKE_KWARGS, embed_dims=(8, 16, 24, 32)))
     fake_run_checkpoint(root / 'finished.pth.tar', 3, **SMOKE_KWARGS)
     return root
-
-
-def one_line_error(capsys, main, argv) -> str:
-    """Run ``main(argv)`` as the script would; return its error line after checking the exit and stderr."""
-    with pytest.raises(SystemExit) as exit_:
-        run_main(main, [str(a) for a in argv], prog='PROG')
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    assert 'Traceback' not in err
-    errors = [line for line in err.splitlines() if 'error' in line.lower()]
-    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
-    assert errors[0].startswith('PROG: error: ')
-    return errors[0]
 
 
 @pytest.mark.parametrize('script, argv, fragments', CASES)
