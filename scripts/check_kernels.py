@@ -21,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.pop('TRITON_INTERPRET', None)  # compile for real, whatever the caller's environment
+if __name__ == '__main__':  # before Triton decorates the kernels: compile for real, whatever the environment
+    os.environ.pop('TRITON_INTERPRET', None)
 
 import torch  # noqa: E402
 

@@ -90,7 +90,7 @@ def parity(args) -> None:
     model = load_small().to(device)
     print('| path | size | max abs diff vs float64 reference | vs released logits |')
     print('|---|---|---|---|')
-    for size, case in expected.items():
+    for size, case in list(expected.items())[:1 if args.smoke else None]:
         x = case['input'].to(device)
         model.double().set_attn_impl('reference')
         with torch.no_grad():

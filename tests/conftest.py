@@ -6,6 +6,8 @@ import torch
 
 if not torch.cuda.is_available():  # check the Triton kernels in Triton's CPU interpreter (before rmt is imported)
     os.environ.setdefault('TRITON_INTERPRET', '1')
+if os.environ.get('PYTEST_XDIST_WORKER_COUNT'):  # `-n N`: the workers share the cores rather than each taking all
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ['PYTEST_XDIST_WORKER_COUNT'])))
 
 from tests.helpers import FIXTURES, cleanup, load_small  # noqa: E402
 

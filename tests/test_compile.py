@@ -11,6 +11,8 @@ import torch
 import rmt  # noqa: F401
 from tests.helpers import small_kwargs
 
+pytestmark = pytest.mark.slow  # end-to-end runs and subprocesses
+
 
 @pytest.mark.parametrize('decomposed', [(True, True, False, False), (True, True, True, False)])
 def test_compile_fullgraph_matches_eager(decomposed):

@@ -12,7 +12,7 @@ from rmt.cli import ScriptError
 from tests.helpers import FIXTURES, SMALL_CHECKPOINT, SMALL_CONFIG, load_script, script, small_kwargs
 
 convert_checkpoint = load_script('convert_checkpoint')
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 CONFIG = str(SMALL_CONFIG)
 RELEASED = str(SMALL_CHECKPOINT)

@@ -1,5 +1,9 @@
 """``python -m rmt``: the README's first command, and the released or converted files it takes."""
+import pytest
+
 from tests.helpers import SMALL_CHECKPOINT, SMALL_CONFIG, load_script, run
+
+pytestmark = pytest.mark.slow  # end-to-end runs and subprocesses
 
 
 def test_demo_classifies_with_random_weights():

@@ -38,7 +38,7 @@ def assert_released_features(model, expected):
             features = model(x)
         want = expected['features'][size]
         assert len(features) == len(want) == 4
-        for s, (got, ref) in enumerate(zip(features, want), strict=True):
+        for s, (got, ref) in enumerate(zip(features, want, strict=True)):
             assert got.shape == ref.shape, (size, s)
             assert (got - ref).abs().max().item() < 1e-4, (size, s)
 
@@ -288,6 +288,7 @@ def _ddp_worker(rank: int, world: int, folder: str, out_indices) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_trains_two_steps_without_find_unused_parameters(tmp_path):
     # spawned (fresh interpreters): a forked child can hang in the OpenMP pool the parent's tests started
     mp.spawn(_ddp_worker, args=(2, str(tmp_path), (1, 2, 3)), nprocs=2)
@@ -376,6 +377,7 @@ def _synthetic_instances(n: int = 2, size=(256, 320)):
     return images, targets
 
 
+@pytest.mark.slow
 def test_mask_rcnn_with_the_released_detection_backbone_trains_and_predicts():
     from torchvision.models.detection import MaskRCNN
     torch.manual_seed(0)

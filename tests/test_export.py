@@ -17,6 +17,9 @@ import torch
 from rmt.export import MIN_SIZE, export_onnx, export_onnx_traced, export_program, max_abs_diff, onnx_opset
 from tests.helpers import SMALL_CHECKPOINT, SMALL_CONFIG, load_small, script
 
+pytestmark = pytest.mark.slow  # end-to-end runs and subprocesses
+
+
 EXPORT_EXAMPLE = (2, 3, 128, 96)
 UNSEEN = [(1, 3, 97, 161), (3, 3, 320, 256)]
 

@@ -11,6 +11,9 @@ from torch import nn
 import rmt
 from rmt.flops import count_flops, flops_by_operator
 
+pytestmark = pytest.mark.slow  # end-to-end runs and subprocesses
+
+
 FIXTURES = Path(__file__).parent / 'fixtures'
 
 # fvcore's FlopCountAnalysis on the released code at 224 x 224, and the released models' parameter counts

@@ -18,8 +18,8 @@ def test_smoke_run_writes_a_report_with_every_attention_path_against_float64(tmp
     text = report.read_text()
     assert text.startswith('# GPU check') and '## parity: ok' in text
     rows = re.findall(r'^\| (\w+) \| (\d+x\d+) \| ([0-9.e+-]+) \| ([0-9.e+-]+) \|$', text, re.M)
-    assert sorted({(path, size) for path, size, _, _ in rows}) == sorted(
-        (p, s) for p in ('reference', 'sdpa', 'bmm', 'blocked', 'triton') for s in ('64x64', '96x80', '70x50'))
+    assert sorted((path, size) for path, size, _, _ in rows) == sorted(  # one size at smoke sizes
+        (p, '64x64') for p in ('reference', 'sdpa', 'bmm', 'blocked', 'triton'))
     assert all(float(to_ref) < 1e-5 and float(to_released) < 1e-4 for _, _, to_ref, to_released in rows)
 
 

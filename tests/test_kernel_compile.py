@@ -5,7 +5,7 @@ import re
 import pytest
 
 from rmt import kernels
-from tests.helpers import script
+from tests.helpers import load_script, one_line_error, script
 
 
 def _tools_present() -> bool:
@@ -16,7 +16,7 @@ def _tools_present() -> bool:
 
 
 needs_nvidia_tools = pytest.mark.skipif(not _tools_present(), reason="needs Triton's nvidia backend tools")
-pytestmark = [pytest.mark.slow, needs_nvidia_tools]
+pytestmark = needs_nvidia_tools
 
 
 def rows(stdout: str):
@@ -25,6 +25,7 @@ def rows(stdout: str):
             if re.match(r'^\| t224 ', line)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', [90, 80])
 def test_every_rmt_t_kernel_compiles_for_the_gpu_without_spilling(arch):
     proc = script('check_kernels', '--arch', str(arch), '--dtype', 'bfloat16', '--cases', 't224')
@@ -39,6 +40,7 @@ def test_every_rmt_t_kernel_compiles_for_the_gpu_without_spilling(arch):
         assert len(stage1) == 1 and int(stage1[0][8]) <= 900
 
 
+@pytest.mark.slow
 def test_a_spilling_setting_fails_the_check():
     proc = script('check_kernels', '--arch', '80', '--shape', '2,7,7,64,2,full', '--config', 'num_warps=1,bwd_warps=1',
                   check=False)
@@ -55,7 +57,6 @@ def test_a_spilling_setting_fails_the_check():
     (['--cases', 't224,t999'], "--cases 't224,t999': unknown case(s) ['t999'], expected some of t224, s224, t1536, "
                                "dims"),
 ])
-def test_wrong_arguments_end_in_one_line(args, message):
-    proc = script('check_kernels', *args, check=False)  # a subprocess: the script sets up Triton for compiling only
-    assert proc.returncode == 2 and proc.stdout == ''
-    assert proc.stderr.strip().splitlines() == [f'check_kernels.py: error: {message}']
+def test_wrong_arguments_end_in_one_line(capsys, args, message):
+    assert one_line_error(capsys, load_script('check_kernels').main, args) == f'PROG: error: {message}'
+

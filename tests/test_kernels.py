@@ -64,6 +64,7 @@ def test_masa_matches_reference(decomposed, B, H, W, n, d):
                                    masa('reference', q, k, v, lce, n, decomposed), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize('decomposed,B,H,W,n,d', SHAPES)
 def test_masa_gradients_match_reference(decomposed, B, H, W, n, d):
@@ -102,6 +103,7 @@ OPCHECK = [(2, 5, 7, 2, 16, True), (1, 3, 70, 1, 8, True), (1, 70, 3, 2, 2, True
            (1, 13, 7, 1, 6, False), (1, 3, 5, 3, 10, True)]
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize('B,H,W,n,d,decomposed', OPCHECK)
 def test_op_passes_torch_library_opcheck(B, H, W, n, d, decomposed):
@@ -134,8 +136,8 @@ def test_backward_op_writes_none_of_its_inputs():
 
 @needs_kernels
 def test_inference_keeps_no_softmax_statistics():
-    out, rows, cols = _masa_op(*op_args(1, 70, 70, 1, 16, True, keep_stats=False))
-    assert out.shape == (1, 70, 70, 16) and rows.numel() == cols.numel() == 0
+    out, rows, cols = _masa_op(*op_args(1, 3, 70, 1, 16, True, keep_stats=False))  # rows of 70 loop
+    assert out.shape == (1, 3, 70, 16) and rows.numel() == cols.numel() == 0
 
 
 @needs_kernels
@@ -348,6 +350,7 @@ def test_a_failing_backward_kernel_falls_back_to_exact_gradients(monkeypatch):
     assert plan_attention('triton', True, 2, torch.empty(1, 3, 70, 16, device=DEVICE)).impl != 'triton'
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_a_failing_kernel_falls_back_inside_a_compiled_model(monkeypatch):
     model = load_small().to(DEVICE)
@@ -365,6 +368,7 @@ def test_a_failing_kernel_falls_back_inside_a_compiled_model(monkeypatch):
 
 # --- the model on the Triton path ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize('size', ['64x64', '96x80', '70x50'])
 def test_released_logits_through_the_triton_path(expected, size, monkeypatch):
@@ -379,11 +383,12 @@ def test_released_logits_through_the_triton_path(expected, size, monkeypatch):
     torch.testing.assert_close(logits.cpu(), expected[size]['logits'], rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_compiled_model_with_the_triton_path_matches_eager_and_trains():
     model = load_small().to(DEVICE)
     model.set_attn_impl('triton')
-    x = torch.randn(2, 3, 64, 48, device=DEVICE)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
@@ -393,6 +398,7 @@ def test_compiled_model_with_the_triton_path_matches_eager_and_trains():
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_tracing_keeps_standard_operators():
     model = timm.create_model('rmt_t', embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
@@ -405,6 +411,7 @@ def test_tracing_keeps_standard_operators():
     torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_torchscript_and_export_of_a_triton_model_take_the_standard_paths():
     model = load_small().to(DEVICE)
@@ -437,6 +444,7 @@ def check_half_precision(dtype, decomposed, B, H, W, n, d):
         assert got.dtype == dtype and relative_error(got, ref) < 2e-2
 
 
+@pytest.mark.slow
 # Triton's CPU interpreter multiplies bfloat16 matrices wrongly (tl.dot on its bf16 emulation), so
 # bfloat16 runs on CUDA only; float16 checks the same half-precision code in the interpreter too.
 @needs_kernels

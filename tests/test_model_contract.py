@@ -142,23 +142,23 @@ def test_unknown_constructor_argument_raises_type_error():
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_group_matcher_groups_every_parameter_by_stage(name):
-    model = meta_model(name)
+    model = shallow_meta(name)
     groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)  # name -> group
     assert sorted(groups) == sorted(n for n, _ in model.named_parameters())
     # stem, one group per block (a stage's downsampling joins its first block), head
-    assert len(set(groups.values())) == 1 + sum(MODEL_ARGS[name]['depths']) + 1
+    assert len(set(groups.values())) == 1 + 4 + 1
     coarse = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
     assert len(set(coarse.values())) == 6  # stem, four stages, head
 
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_weight_decay_spares_exactly_biases_norms_and_layer_scales(name):
-    model = meta_model(name)
+    model = shallow_meta(name)
     assert model.no_weight_decay() == set()  # timm's rule (1-D tensors) already covers what RMT needs
     groups = create_optimizer_v2(model, 'adamw', weight_decay=0.05).param_groups
     spared = {id(p) for g in groups if g['weight_decay'] == 0 for p in g['params']}
     one_dimensional = {id(p) for p in model.parameters() if p.ndim <= 1}
-    assert spared == one_dimensional and len(spared) > 100
+    assert spared == one_dimensional and len(spared) > 50
 
 
 @pytest.mark.parametrize('name', VARIANTS)
@@ -248,6 +248,7 @@ def test_pruned_model_keeps_its_tap_and_trains(index):
     assert not [n for n, p in pruned.named_parameters() if p.grad is None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', VARIANTS)
 def test_torchscript_saves_loads_and_matches_eager_at_another_size(name, tmp_path):
     model = real_model(name)
@@ -258,6 +259,7 @@ def test_torchscript_saves_loads_and_matches_eager_at_another_size(name, tmp_pat
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', VARIANTS)
 def test_trace_with_gradients_on_saves_loads_and_matches_eager_at_another_size(name, tmp_path):
     model = real_model(name)
@@ -277,6 +279,7 @@ def _fx(model, train=False):
     return create_feature_extractor(model.train(train), return_nodes=[nodes[-1]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', VARIANTS)
 def test_torchvision_fx_extractor_matches_eager_at_another_size(name):
     model = real_model(name)
@@ -301,6 +304,7 @@ def test_torchvision_fx_extractor_takes_stage_outputs():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fx_trace_trains_and_scripts():
     model = timm.create_model('rmt_t', **small_kwargs(num_classes=42))
     traced = _fx(model, train=True)

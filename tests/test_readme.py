@@ -9,8 +9,13 @@ configuration of the released format: in the blocks' folder they stand under tho
 import re
 import shutil
 
+import pytest
+
 from tests.helpers import (
     DETECTION_CHECKPOINT, REPO, SMALL_CHECKPOINT, SMALL_CONFIG, SMALL_TL_CHECKPOINT, run_side_by_side)
+
+pytestmark = pytest.mark.slow  # end-to-end runs and subprocesses
+
 
 STAND_INS = {'RMT-S.pth': SMALL_CHECKPOINT, 'RMT-S-TL.pth': SMALL_TL_CHECKPOINT, 'custom.json': SMALL_CONFIG,
              'maskrcnn_s_1x.pth': DETECTION_CHECKPOINT, 'RMT_Uper_s_2x.pth': DETECTION_CHECKPOINT}

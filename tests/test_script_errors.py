@@ -238,6 +238,7 @@ def test_an_unreadable_image_is_one_line(capsys, wrong, tmp_path):
     assert 'Permission denied' in one_line_error(capsys, rmt.__main__.main, ['--image', locked])
 
 
+@pytest.mark.slow
 def test_every_script_run_as_a_user_would_answers_a_mistake_with_one_line_and_status_2(wrong, tmp_path):
     cases = {  # command -> how its one line must begin
         'python -m rmt': (['-m', 'rmt', '--image', f'{wrong}/truncated.jpg'],

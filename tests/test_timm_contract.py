@@ -1,6 +1,11 @@
 """scripts/timm_contract.py: timm's model tests narrowed to the RMT models (on a stand-in test file; the real
 one comes from timm's source archive, and a full run takes minutes, see the README)."""
+import pytest
+
 from tests.helpers import script
+
+pytestmark = pytest.mark.slow  # end-to-end runs and subprocesses
+
 
 STAND_IN = '''
 import pytest

@@ -25,7 +25,7 @@ from tests.helpers import (
     small_kwargs)
 
 train = load_script('train')
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 TL_CONFIG = REPO / 'configs' / 'smoke_digits_tl.yaml'
 SMALL_TL_CHECKPOINT = str(FIXTURES / 'official_small_tokenlabel_checkpoint.pth')

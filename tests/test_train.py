@@ -16,7 +16,7 @@ from tests.helpers import (
     smoke_args, smoke_run, write_digits_folder)
 
 train = load_script('train')
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 
 def test_training_reaches_high_accuracy_and_writes_timm_summary():

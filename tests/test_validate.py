@@ -8,7 +8,7 @@ from tests.helpers import (
     SMALL_CHECKPOINT, SMALL_CONFIG, digits_folder, load_script, read_summary, run, script, smoke_run)
 
 validate = load_script('validate')
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 
 def test_validate_on_saved_checkpoint_agrees_with_the_training_log():
