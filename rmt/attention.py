@@ -11,18 +11,20 @@ it in one of two forms:
 One path is the *reference* (explicit matmul and softmax, the released code's math) that every
 other path is tested against. :func:`plan_attention` picks a path once per stage and forward, from
 the device, dtype and sequence lengths (measured side by side with ``scripts/bench_kernels.py``
-and ``scripts/benchmark.py``; 2 CPU cores, float32, RMT-S at 224 px):
+and ``scripts/benchmark.py``; 2 CPU cores, float32, RMT-S at 224 px, batch 8:
+``bench_kernels.py --model rmt_s -b 8 --dtype float32 --device cpu --threads 2 --paths sdpa,bmm``):
 
 * ``triton`` (CUDA, 'auto' wherever the kernels are known to compile): :mod:`rmt.kernels` applies
   the theta shift, the decay bias and the LCE add inside the kernels, so MaSA hands them the raw
   projections. Never materialises a bias or a score matrix.
 * ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` with the bias as an additive 4-D mask
   (the fused CPU kernel takes only 2-D or 4-D masks). On the CPU it wins for sequences of more
-  than 32 tokens (stage 1's 56-token rows: 1.3x the ``bmm`` path); it is the CUDA path where the
-  kernels cannot run, and the only one in exported graphs.
+  than 32 tokens (stage 1's 56-token rows and columns, forward: 1.1x the ``bmm`` path); it is the
+  CUDA path where the kernels cannot run, and the only one in exported graphs.
 * ``bmm`` (CPU, float32/64, sequences of at most 32 tokens): heads packed into one batch, two
   ``bmm`` calls and a softmax; for the 7- to 28-token rows and columns of decomposed stages the fused
-  kernel's fixed cost per (batch, head) outweighs its savings (stage 3's 14-token rows: 2.6x sdpa).
+  kernel's fixed cost per (batch, head) outweighs its savings (stage 3's 14-token rows and
+  columns, forward: 1.75x ``sdpa``; stage 2's 28-token ones: 1.7x).
 * ``blocked`` (full attention whose (n, HW, HW) bias would exceed 64 MiB, e.g. detection sizes):
   query blocks of image rows, each with its own slice of the bias, so memory stays bounded.
 

@@ -73,19 +73,26 @@ class KernelConfig(NamedTuple):
     num_stages: int = 3
 
 
-def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
+def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90,
+                   release: Optional[Tuple[int, int]] = None) -> KernelConfig:
     """The settings the op uses for heads of ``head_dim`` in ``dtype`` on compute capability ``arch``
-    (major * 10 + minor; the interpreter counts as 90): the largest tiles with which no kernel spills
-    registers, crashes the compiler, or exceeds the 99 KB of shared memory of sm_86 / sm_89, with
-    Triton 3.2, 3.3, 3.6 and 3.8 (measured by ``scripts/check_kernels.py``; the README has the table).
+    (major * 10 + minor; the interpreter counts as 90) with Triton ``release`` ((major, minor), the
+    installed one by default): the largest tiles with which no kernel spills registers, crashes the
+    compiler, or exceeds the 99 KB of shared memory of sm_86 / sm_89, with Triton 3.2, 3.3, 3.6 and
+    3.8 (measured by ``scripts/check_kernels.py``; the README has the table).
 
-    Heads padded to 64 channels (float32 ones to 32) take 32-token tiles and blocks without software
-    pipelining. Before Hopper the dot operands live in registers, so the looped kernels take 32-token
-    blocks there for every head size.
+    Heads padded to 64 channels, and float32 heads (with 64-token tiles Triton 3.8 fails to compile
+    the tf32 backward on sm_90), take 32-token tiles and blocks without software pipelining. At 64
+    channels the key blocks shrink to 16 tokens for float32 (the dk/dv kernel spills on sm_80) and
+    with Triton 3.3 (which spills a few bytes at head size 48); other releases spill with them in the
+    dk/dv kernel on sm_90. Before Hopper the dot operands live in registers, so the looped kernels take
+    32-token blocks there for every head size.
     """
     padded = max(16, 1 << (head_dim - 1).bit_length())
-    if padded >= 64 or (dtype == torch.float32 and padded >= 32):
-        return KernelConfig(tile=32, block_m=32, block_n=32, num_stages=1)
+    if padded >= 64 or dtype == torch.float32:
+        release = triton_version() if release is None else release
+        small_keys = padded >= 64 and (dtype == torch.float32 or release[:2] == (3, 3))
+        return KernelConfig(tile=32, block_m=32, block_n=16 if small_keys else 32, num_stages=1)
     if arch < 90:
         return KernelConfig(block_m=32, block_n=32)
     return KernelConfig()

@@ -10,6 +10,9 @@ backward), the launches come from :func:`rmt.kernels.masa_forward` / :func:`rmt.
 as the op would issue them, and are compiled with Triton's own ``warmup`` against a stand-in driver
 that reports the target. Triton's bundled ``cuobjdump`` reads each cubin. Printed per kernel:
 registers per thread, spill stack bytes, shared memory bytes, SASS instructions per warp.
+A kernel's flags: ``+lce``, the pass that carries the LCE output (the forward adds it as it stores,
+the dq kernel subtracts it from the output for ``delta``); ``+lse``, the forward keeps the
+log-sum-exp for backward; ``+acc``, the backward adds into the gradient an earlier pass wrote.
 
 Exits 1 when a kernel fails to compile, spills registers, or needs more shared memory than the
 target has; 2 on a usage error (e.g. no Triton, or no ``cuobjdump`` in its nvidia backend).
@@ -190,8 +193,10 @@ def main(argv=None) -> int:
                     continue
                 seen.add(key)
                 cx = launch.constexprs
+                flags = ''.join(f' +{flag}' for flag, key in (('lce', 'HAS_RES'), ('lse', 'STORE_LSE'),
+                                                                  ('acc', 'ACCUMULATE')) if cx.get(key))
                 label = f'| {"shape" if case == args.shape else case} | {stage} | {name} ' \
-                        f'{"rows cols full".split()[cx["MODE"]]} | {cx["L"]} | {cx["D"]} |'
+                        f'{"rows cols full".split()[cx["MODE"]]}{flags} | {cx["L"]} | {cx["D"]} |'
                 try:
                     regs, spill, shared, instr = measure(compile_only(launch, args.arch), tools)
                 except Exception as e:  # noqa: BLE001 (any compile failure is reported, then the exit code says it)

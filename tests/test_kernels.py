@@ -89,6 +89,16 @@ def test_kernel_settings_are_arguments_and_give_the_same_result():
     torch.testing.assert_close(small_tiles, default, rtol=1e-5, atol=2e-5)
 
 
+def test_default_settings_shrink_key_blocks_where_the_compiler_would_spill():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert kernels.default_config(48, bf16, 90, (3, 8)) == kernels.KernelConfig(32, 32, 32, num_stages=1)
+    assert kernels.default_config(48, bf16, 90, (3, 3)).block_n == 16  # Triton 3.3 spills with 32
+    assert kernels.default_config(64, fp32, 80, (3, 8)).block_n == 16  # the float32 dk/dv kernel spills with 32
+    assert kernels.default_config(16, fp32, 90, (3, 8)) == kernels.KernelConfig(32, 32, 32, num_stages=1)
+    assert kernels.default_config(16, bf16, 80, (3, 8)) == kernels.KernelConfig(block_m=32, block_n=32)
+    assert kernels.default_config(16, bf16, 90, (3, 8)) == kernels.KernelConfig()
+
+
 # --- the op's contract -----------------------------------------------------------------------------------
 
 def op_args(B, H, W, n, d, decomposed, keep_stats=True, dtype=torch.float32):
@@ -398,27 +408,30 @@ def test_compiled_model_with_the_triton_path_matches_eager_and_trains():
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.slow
-@needs_kernels
-def test_tracing_keeps_standard_operators():
-    model = timm.create_model('rmt_t', embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
-                              num_classes=5).eval().to(DEVICE)
+def _small_on_the_triton_path():
+    """The small released-format model set to the Triton path, a 64 px input, and its eager output."""
+    model = load_small().to(DEVICE)
     model.set_attn_impl('triton')
     x = torch.randn(1, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
+        return model, x, model(x)
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_tracing_keeps_standard_operators():
+    model, x, want = _small_on_the_triton_path()
+    with torch.no_grad():
         traced = torch.jit.trace(model, x)
     assert 'rmt::masa' not in str(traced.inlined_graph)
-    torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(traced(x), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
 @needs_kernels
 def test_torchscript_and_export_of_a_triton_model_take_the_standard_paths():
-    model = load_small().to(DEVICE)
-    model.set_attn_impl('triton')
-    x = torch.randn(1, 3, 64, 64, device=DEVICE)
+    model, x, want = _small_on_the_triton_path()
     with torch.no_grad():
-        want = model(x)
         torch.testing.assert_close(torch.jit.script(model)(x), want, rtol=1e-4, atol=1e-5)
         exported = torch.export.export(model, (x,))
     assert 'rmt.masa' not in str(exported.graph)
