@@ -19,12 +19,13 @@ and ``scripts/benchmark.py``; 2 CPU cores, float32, RMT-S at 224 px, batch 8:
   projections. Never materialises a bias or a score matrix.
 * ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` with the bias as an additive 4-D mask
   (the fused CPU kernel takes only 2-D or 4-D masks). On the CPU it wins for sequences of more
-  than 32 tokens (stage 1's 56-token rows and columns, forward: 1.1x the ``bmm`` path); it is the
-  CUDA path where the kernels cannot run, and the only one in exported graphs.
+  than 32 tokens (stage 1's 56-token rows and columns: forward within 15% of ``bmm`` either way,
+  forward and backward 1.15-1.65x faster; two runs); it is the CUDA path where the kernels cannot
+  run, and the only one in exported graphs.
 * ``bmm`` (CPU, float32/64, sequences of at most 32 tokens): heads packed into one batch, two
   ``bmm`` calls and a softmax; for the 7- to 28-token rows and columns of decomposed stages the fused
-  kernel's fixed cost per (batch, head) outweighs its savings (stage 3's 14-token rows and
-  columns, forward: 1.75x ``sdpa``; stage 2's 28-token ones: 1.7x).
+  kernel's fixed cost per (batch, head) outweighs its savings (forward against ``sdpa``, two
+  runs: stage 3's 14-token rows and columns 1.75-2.1x, stage 2's 28-token ones 1.5-1.7x).
 * ``blocked`` (full attention whose (n, HW, HW) bias would exceed 64 MiB, e.g. detection sizes):
   query blocks of image rows, each with its own slice of the bias, so memory stays bounded.
 
@@ -141,8 +142,8 @@ def plan_attention(requested: str, decomposed: bool, num_heads: int, x: torch.Te
 
     ``requested`` is one of :data:`ATTN_IMPLS`. 'auto' takes ``triton`` on CUDA wherever
     :func:`rmt.kernels.unsupported_reason` allows it and no kernel of this configuration has failed in
-    this process (float32 only under torch's 'high'/'medium' matmul precision, as the IEEE float32
-    kernels spill), else picks by size (:func:`set_dispatch_thresholds`). A requested path runs where it
+    this process (float32 only under torch's 'high'/'medium' matmul precision and with Triton 3.8 or
+    newer: the IEEE float32 kernels, and older releases' tf32 ones, spill), else picks by size (:func:`set_dispatch_thresholds`). A requested path runs where it
     exists: ``triton`` also on the CPU under ``TRITON_INTERPRET=1``, elsewhere it becomes 'auto';
     ``blocked`` means ``sdpa`` for decomposed stages, which hold no (HW x HW) tensor anyway. Exported
     graphs take ``sdpa`` and traced ones (fvcore, classic ONNX) pick by size without ``bmm``.
@@ -179,8 +180,8 @@ def _triton_takes(requested: str, decomposed: bool, num_heads: int, x: torch.Ten
         return False
     if _kernels_refuse(str(x.device), dtype, x.shape[-1] // num_heads):
         return False
-    if requested == 'auto' and _ieee(dtype):
-        return False  # the IEEE float32 kernels spill registers: sdpa is faster
+    if requested == 'auto' and dtype == torch.float32 and (_ieee(dtype) or _old_triton_for_float32()):
+        return False  # the IEEE float32 kernels, and tf32 ones before Triton 3.8, spill registers: sdpa is faster
     if torch.compiler.is_compiling():
         return True  # a failure inside the op falls back there
     config = kernels.default_config(x.shape[-1] // num_heads, dtype, _arch(str(x.device)))
@@ -191,6 +192,11 @@ def _triton_takes(requested: str, decomposed: bool, num_heads: int, x: torch.Ten
 @torch.compiler.assume_constant_result  # the machine, not the data: a constant of compiled graphs
 def _kernels_refuse(device: str, dtype: torch.dtype, head_dim: int) -> bool:
     return kernels.unsupported_reason(torch.device(device), dtype, head_dim) is not None
+
+
+@torch.compiler.assume_constant_result
+def _old_triton_for_float32() -> bool:
+    return kernels.triton_version() < kernels.FLOAT32_MIN_TRITON
 
 
 @torch.compiler.assume_constant_result

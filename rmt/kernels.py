@@ -46,11 +46,13 @@ try:  # CPU-only torch builds ship no Triton
 except Exception:  # noqa: BLE001 (a broken install must not break `import rmt`)
     triton = None
 
-__all__ = ['KernelConfig', 'Launch', 'MIN_TRITON', 'MIN_CAPABILITY', 'MAX_HEAD_DIM', 'default_config', 'target_arch',
+__all__ = ['KernelConfig', 'Launch', 'MIN_TRITON', 'FLOAT32_MIN_TRITON',
+           'MIN_CAPABILITY', 'MAX_HEAD_DIM', 'default_config', 'target_arch',
            'available', 'interpreting', 'triton_version', 'unsupported_reason', 'device_guard', 'pass_modes',
            'looped', 'forward_pass', 'backward_pass', 'stats_shapes', 'masa_forward', 'masa_backward']
 
 MIN_TRITON = (3, 2)
+FLOAT32_MIN_TRITON = (3, 8)  # 3.2-3.6 spill in some tf32 kernels (check_kernels), so 'auto' keeps float32 off
 MIN_CAPABILITY = (8, 0)
 MAX_HEAD_DIM = 64
 _LOG2E = math.log2(math.e)
@@ -79,7 +81,8 @@ def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90,
     (major * 10 + minor; the interpreter counts as 90) with Triton ``release`` ((major, minor), the
     installed one by default): the largest tiles with which no kernel spills registers, crashes the
     compiler, or exceeds the 99 KB of shared memory of sm_86 / sm_89, with Triton 3.2, 3.3, 3.6 and
-    3.8 (measured by ``scripts/check_kernels.py``; the README has the table).
+    3.8 in bfloat16 and float16, and 3.8 in tf32 float32 (measured by ``scripts/check_kernels.py``;
+    the README has the table; before 3.8 some tf32 kernels spill, see :data:`FLOAT32_MIN_TRITON`).
 
     Heads padded to 64 channels, and float32 heads (with 64-token tiles Triton 3.8 fails to compile
     the tf32 backward on sm_90), take 32-token tiles and blocks without software pipelining. At 64

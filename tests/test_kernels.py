@@ -229,7 +229,7 @@ def fake_cuda(*shape, dtype=torch.float32, index=0):
 
 
 @pytest.mark.skipif(not kernels.available(), reason='needs Triton')
-def test_auto_takes_the_kernels_on_cuda_in_half_precision_and_tf32(monkeypatch):
+def test_auto_takes_the_kernels_on_cuda_in_half_precision_and_tf32_from_triton_3_8(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
     x = fake_cuda(8, 56, 56, 64, dtype=torch.bfloat16)
     assert plan_attention('auto', True, 4, x) == AttentionPlan('triton', torch.float32, False)
@@ -238,7 +238,11 @@ def test_auto_takes_the_kernels_on_cuda_in_half_precision_and_tf32(monkeypatch):
     precision = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision('high')
+        monkeypatch.setattr(kernels.triton, '__version__', '3.8.0')
         assert plan_attention('auto', True, 4, x32).impl == 'triton'
+        monkeypatch.setattr(kernels.triton, '__version__', '3.6.0')  # its tf32 kernels spill
+        assert plan_attention('auto', True, 4, x32).impl == 'sdpa'
+        assert plan_attention('auto', True, 4, x).impl == 'triton'
     finally:
         torch.set_float32_matmul_precision(precision)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))
