@@ -40,6 +40,14 @@ def real_model(name):
     return _models[name]
 
 
+def eager_output(name, *size):
+    """The variant's shared model, a random input of ``size`` and the model's output for it."""
+    model = real_model(name)
+    x = torch.randn(*size)
+    with torch.no_grad():
+        return model, x, model(x)
+
+
 def meta_model(name, **kwargs):
     return timm.create_model(name, device='meta', dtype=torch.float32, **kwargs).eval()
 
@@ -163,10 +171,8 @@ def test_weight_decay_spares_exactly_biases_norms_and_layer_scales(name):
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_forward_is_finite_and_unchanged_by_grad_checkpointing(name):
-    model = real_model(name)
-    x = torch.randn(1, 3, 64, 64)
+    model, x, out = eager_output(name, 1, 3, 64, 64)
     with torch.no_grad():
-        out = model(x)
         model.set_grad_checkpointing(True)
         out2 = model(x)
         model.set_grad_checkpointing(False)
@@ -282,10 +288,8 @@ def _fx(model, train=False):
 @pytest.mark.slow
 @pytest.mark.parametrize('name', VARIANTS)
 def test_torchvision_fx_extractor_matches_eager_at_another_size(name):
-    model = real_model(name)
-    x = torch.randn(1, 3, 96, 80)
+    model, x, out = eager_output(name, 1, 3, 96, 80)
     with torch.inference_mode():
-        out = model(x)
         fx_out = list(_fx(model)(x).values())
     assert len(fx_out) == 1
     torch.testing.assert_close(fx_out[0], out, rtol=1e-4, atol=1e-5)
