@@ -14,14 +14,14 @@ here load on first use.
 """
 import importlib
 
-from .attention import ATTN_IMPLS, MaSA, plan_attention, set_dispatch_thresholds
+from .attention import ATTN_IMPLS, MaSA, MaSA1d, MaSA2d, MaSA3d, masa, plan_attention, set_dispatch_thresholds
 from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, official_config_to_kwargs
-from .position import RelPos2d
+from .position import RelPos
 from .features import RMTFeatures
 from .model import RMT
 from . import detection  # so that `import rmt` gives rmt.detection.backbone_with_fpn
 
-__all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'RMTFeatures', 'RelPos2d', 'checkpoint_filter_fn', 'load_checkpoint_file',
+__all__ = ['ATTN_IMPLS', 'MaSA', 'MaSA1d', 'MaSA2d', 'MaSA3d', 'RMT', 'RMTFeatures', 'RelPos', 'masa', 'checkpoint_filter_fn', 'load_checkpoint_file',
            'official_config_to_kwargs', 'plan_attention', 'set_dispatch_thresholds']
 __version__ = '0.1.0'
 
@@ -32,7 +32,7 @@ def _set_attn_budget(mask_bytes=None, block_bytes=None):
     return set_dispatch_thresholds(bias_bytes=mask_bytes, block_bytes=block_bytes)
 
 
-_RENAMED = {'SpatialDecay': ('rmt.RelPos2d', lambda: RelPos2d),
+_RENAMED = {'SpatialDecay': ('rmt.RelPos', lambda: RelPos),
             'set_attn_budget': ('rmt.set_dispatch_thresholds(bias_bytes=..., block_bytes=...)',
                                 lambda: _set_attn_budget)}
 

@@ -3,7 +3,6 @@
 Stages work on channels-last (B, H, W, C) features so the Linear layers see contiguous channels;
 the depthwise convs view the same memory as channels-last NCHW, so no layout copies are needed.
 """
-import warnings
 from typing import List, Optional
 
 import torch
@@ -13,8 +12,9 @@ from torch import nn
 from timm.layers import DropPath, LayerScale, fast_layer_norm
 from timm.models import checkpoint as grad_checkpoint
 
-from .attention import AttentionPlan, MaSA, autocast_dtype, plan_attention
-from .position import PositionTables, RelPos2d
+from .attention import AttentionPlan, MaSA2d, plan_masa
+from .attention.backends import autocast_dtype
+from .position import PositionTables, RelPos
 
 __all__ = ['Stem', 'Downsample', 'ResidualDWConv', 'CPE', 'GeluDWConv', 'gelu_dwconv', 'FFN', 'AutocastLayerNorm',
            'RMTBlock', 'RMTStage']
@@ -191,11 +191,13 @@ class RMTBlock(nn.Module):
             decomposed: bool,
             layer_scale_init: Optional[float] = None,
             drop_path: float = 0.,
+            decay_exponent: float = 2.,
+            heads_range: float = 4.,
     ):
         super().__init__()
         self.cpe = CPE(dim)
         self.norm1 = AutocastLayerNorm(dim, eps=1e-6)
-        self.attn = MaSA(dim, num_heads, decomposed)
+        self.attn = MaSA2d(dim, num_heads, decomposed, decay_exponent=decay_exponent, heads_range=heads_range)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = AutocastLayerNorm(dim, eps=1e-6)
@@ -205,14 +207,17 @@ class RMTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, tables: PositionTables) -> torch.Tensor:
         x = self.cpe(x)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), plan, tables)))
+        x = x + self.drop_path1(self.ls1(self.attn.attend(self.norm1(x), plan, tables)))
         x = x + self.drop_path2(self.ls2(self.ffn(self.norm2(x))))
         return x
 
 
+torch.fx.wrap('plan_masa')  # FX graphs (torchvision's feature extraction) plan at run time
+
+
 class RMTStage(nn.Module):
-    """Optional downsampling from the previous stage, then ``depth`` RMT blocks sharing one plan and one set of
-    position tables (``relpos``)."""
+    """Optional downsampling from the previous stage, then ``depth`` RMT blocks sharing one attention plan and
+    one set of position tables (their MaSA layers are configured alike; the first one's ``relpos`` builds them)."""
 
     def __init__(
             self,
@@ -229,37 +234,36 @@ class RMTStage(nn.Module):
             downsample: bool = True,
     ):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f'a stage needs at least one block, got depth {depth}')
         self.decomposed = decomposed
         self.num_heads = num_heads
-        self.attn_impl = 'auto'
         self.grad_checkpointing = False
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
-        self.relpos = RelPos2d(dim, num_heads, decay_exponent, heads_range)
         drop_path = drop_path or [0.] * depth
         self.blocks = nn.ModuleList([
-            RMTBlock(dim, num_heads, mlp_ratio, decomposed, layer_scale_init, drop_path[i])
+            RMTBlock(dim, num_heads, mlp_ratio, decomposed, layer_scale_init, drop_path[i], decay_exponent,
+                     heads_range)
             for i in range(depth)
         ])
 
+    @property
+    def relpos(self) -> RelPos:
+        """The position tables' builder of the stage (its first MaSA layer's)."""
+        return self.blocks[0].attn.relpos
+
+    @property
+    def attn_impl(self) -> str:
+        return self.blocks[0].attn.attn_impl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        plan = plan_attention(self.attn_impl, self.decomposed, self.num_heads, x)
-        tables = self.relpos(x.shape[1], x.shape[2], x.device, plan.table_dtype, plan.needs_2d_bias)
+        attn = self.blocks[0].attn
+        plan = plan_masa(attn.attn_impl, x, [x.shape[1], x.shape[2]], self.num_heads, self.decomposed)
+        tables = attn.relpos([x.shape[1], x.shape[2]], x.device, plan.table_dtype, plan.needs_full_bias)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = grad_checkpoint(block, x, plan, tables)
             else:
                 x = block(x, plan, tables)
         return x
-
-
-torch.fx.wrap('plan_attention')  # FX graphs (torchvision's feature extraction) plan at run time
-
-_RENAMED = {'LayerNorm': 'AutocastLayerNorm'}
-
-
-def __getattr__(name: str):
-    if name in _RENAMED:  # kept for one release (see the README's changelog)
-        warnings.warn(f'rmt.blocks.{name} is now rmt.blocks.{_RENAMED[name]}', FutureWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 from timm.models import checkpoint as grad_checkpoint
 
-from .attention import ATTN_IMPLS
+from .attention import ATTN_IMPLS, MaSA
 from .blocks import RMTStage, Stem
 from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, loading, read_model_metadata, released_names_hook
 from .features import RMTFeatures
@@ -262,13 +262,11 @@ class RMT(nn.Module):
         source = 'attention implementation'
         if impl == 'auto' and os.environ.get('RMT_ATTN_IMPL'):
             impl, source = os.environ['RMT_ATTN_IMPL'], 'RMT_ATTN_IMPL'
-        if impl == 'flex':  # removed: 'auto' never chose it (kept for one release, see the README's changelog)
-            warnings.warn("attn_impl 'flex' was removed; using 'auto'", FutureWarning, stacklevel=2)
-            impl = 'auto'
         if impl not in ATTN_IMPLS:
             raise ValueError(f'unknown {source} {impl!r}, expected one of {ATTN_IMPLS}')
-        for stage in self.stages:
-            stage.attn_impl = impl
+        for module in self.modules():
+            if isinstance(module, MaSA):
+                module.attn_impl = impl
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

@@ -1,42 +1,53 @@
 """Where tokens are, for MaSA: rotary angles (the theta shift) and the Manhattan spatial decay.
 
-Nothing here is learned. Every table is a function of a stage's config and its feature size
-(H, W), so each stage owns one :class:`RelPos2d` (the released code's ``Relpos``) that builds the
-tables once per (H, W, device, dtype) and hands them to its blocks as :class:`PositionTables`.
+A MaSA layer attends over a grid of tokens with one, two or three axes (a sequence, an image
+(H, W), a volume or clip (D, H, W)). Two things depend on where a token sits:
 
-The decay enters attention as an additive *bias* on the logits: ``lambda_h * distance``, where the
-distance between tokens (i, j) and (i', j') is ``|i - i'|`` along a column, ``|j - j'|`` along a
-row, and their sum, the Manhattan distance, over the whole image (paper section 3.2).
+* the *theta shift* (paper eq. 3, the released ``theta_shift``): q and k are rotated pairwise by
+  angles ``p * a``, where ``p`` is the token's raster index (``i * W + j`` for an image; the
+  released code uses this one index, not two) and ``a`` the rotary frequencies;
+* the *decay*: attention logits get the bias ``lambda_h * distance``, where ``lambda_h = ln(gamma_h)``
+  is head h's log decay (negative: weights shrink by ``gamma_h`` per token of distance) and the
+  distance is ``|t - t'|`` along one axis, or the Manhattan (city-block) distance over the whole
+  grid (paper section 3.2).
+
 :func:`axis_bias` is the one definition of the per-axis term and :func:`manhattan_bias` of their
-sum; the Triton kernels compute the same distances from token indices, with the same rates.
-
-Numerics follow the released code exactly (float32 throughout, raster index ``i * W + j`` as the
-rotary position), so the tables agree with the ones it rebuilds on every forward.
+sum; :func:`decay_bias` builds the bias for any decay (per head, or per query token for
+data-dependent forms) and any slice of queries, and the Triton kernels compute the same
+distances from token indices. Each stage or layer owns one :class:`RelPos` (the released code's
+``Relpos``) that caches its tables per grid size, device and dtype and hands them to the attention
+as :class:`PositionTables`. Numerics follow the released code (float32 throughout), so the tables
+agree with the ones it rebuilds on every forward.
 """
 from collections import OrderedDict
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ['decay_rates', 'rotary_angles', 'rotary_tables', 'rotation_to_sin_cos', 'axis_bias', 'manhattan_bias',
-           'position_tables', 'theta_shift',
-           'theta_shift_reference', 'PositionTables', 'RelPos2d']
+__all__ = ['decay_rates', 'rotary_angles', 'raster_positions', 'rotary_tables', 'rotation_pairs',
+           'rotation_to_sin_cos', 'axis_distance', 'axis_bias', 'manhattan_bias', 'decay_bias', 'theta_shift',
+           'theta_shift_reference', 'position_tables', 'PositionTables', 'RelPos']
 
 
 class PositionTables(NamedTuple):
-    """Everything a stage's blocks need from the position of their tokens (H x W feature map, n heads of d)."""
-    sin: torch.Tensor       # (H, W, 1, d) sin(p * a) with the pair rotation's sign folded in
-    cos: torch.Tensor       # (H, W, 1, d) cos(p * a)
-    rotation: torch.Tensor  # (H, W, 1, d/2, 2) (cos, sin)(p * a) pairs for float32/64 tables, else empty
-    decay: torch.Tensor     # (n,) per-head log decay lambda_h, float32
-    bias_h: torch.Tensor    # (n, H, H) lambda_h * |i - i'|, the decay along a column
-    bias_w: torch.Tensor    # (n, W, W) lambda_h * |j - j'|, the decay along a row
-    bias_2d: torch.Tensor   # (n, HW, HW) lambda_h * Manhattan distance, or empty when not asked for
+    """What the attention of one grid of tokens needs from their positions (n heads of d channels).
+
+    ``grid`` below is the grid's shape (one to three sizes) and L its token count.
+    """
+    sin: torch.Tensor          # (*grid, 1, d), or (B, *grid, 1, d) with per-image positions: sin(p a) * pair sign
+    cos: torch.Tensor          # the same shape: cos(p a)
+    rotation: torch.Tensor     # sin/cos's shape with (d/2, 2) for d: (cos, sin) pairs, for float32/64; else empty
+    decay: torch.Tensor        # (n,) per-head log decay lambda_h, float32
+    axis_bias: List[torch.Tensor]  # per grid axis, in grid order: (n, s, s) lambda_h * |t - t'|
+    bias: torch.Tensor         # (n, L, L) lambda_h * Manhattan distance, or empty when not asked for
 
 
 def decay_rates(num_heads: int, decay_exponent: float, heads_range: float) -> torch.Tensor:
-    """Per-head log decay ``lambda_h = ln(1 - 2 ** (-decay_exponent - heads_range * h / n))`` (negative), (n,)."""
+    """Per-head log decay ``lambda_h = ln(1 - 2 ** (-decay_exponent - heads_range * h / n))``, (n,), negative.
+
+    The released ``Relpos.decay`` (its ``initial_value`` and ``heads_range``); head 0 decays fastest.
+    """
     h = torch.arange(num_heads, dtype=torch.float32)
     return torch.log(1 - 2 ** (-decay_exponent - heads_range * h / num_heads))
 
@@ -47,21 +58,47 @@ def rotary_angles(head_dim: int) -> torch.Tensor:
     return angle.unsqueeze(-1).repeat(1, 2).flatten()
 
 
-def rotary_tables(
-        angle: torch.Tensor, H: int, W: int, device: torch.device, dtype: torch.dtype,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sin * pair sign, cos) of shape (H, W, 1, d) at the flattened raster positions ``i * W + j``.
+def raster_positions(grid: List[int], device: torch.device, extents: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The raster index of every token of ``grid`` (last axis fastest), float32, shape ``grid``.
+
+    With ``extents`` (B, len(grid)), the valid size of each image of a padded batch, the index is the
+    one the token has in its own image (``i * w_b + j``), shape (B, *grid); padded tokens get 0.
+    """
+    if extents is None:
+        size = 1
+        for s in grid:
+            size *= s
+        return torch.arange(size, device=device, dtype=torch.float32).reshape(grid)
+    extents = extents.to(device=device, dtype=torch.float32)
+    position = torch.zeros([extents.shape[0]] + [1] * len(grid), device=device)
+    valid = torch.ones([extents.shape[0]] + [1] * len(grid), device=device, dtype=torch.bool)
+    for a, s in enumerate(grid):
+        shape = [1] * (len(grid) + 1)
+        shape[a + 1] = s
+        index = torch.arange(s, device=device, dtype=torch.float32).reshape(shape)
+        extent = extents[:, a].reshape([-1] + [1] * len(grid))
+        position = position * extent + index
+        valid = valid & (index < extent)
+    return torch.where(valid, position, torch.zeros_like(position))
+
+
+def rotary_tables(angle: torch.Tensor, grid: List[int], device: torch.device, dtype: torch.dtype,
+                  extents: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sin * pair sign, cos) of shape (*grid, 1, d) at the raster positions (:func:`raster_positions`;
+    (B, *grid, 1, d) with ``extents``).
 
     The pair rotation ``(x0, x1, ..) -> (-x1, x0, ..)`` equals a pair swap times signs (-1, +1, ..);
-    the signs live in the sin table so :func:`theta_shift` is two multiplies and a swap.
+    the signs live in the sin table so :func:`theta_shift_reference` is two multiplies and a swap.
     """
     angle = angle.to(device=device, dtype=torch.float32)
-    index = torch.arange(H * W, device=device, dtype=torch.float32)
-    phase = index[:, None] * angle[None, :]
+    phase = raster_positions(grid, device, extents).unsqueeze(-1).unsqueeze(-1) * angle
     sign = torch.tensor([-1.0, 1.0], device=device).repeat(angle.shape[0] // 2)
-    sin = (torch.sin(phase) * sign).reshape(H, W, 1, -1)
-    cos = torch.cos(phase).reshape(H, W, 1, -1)
-    return sin.to(dtype), cos.to(dtype)
+    return (torch.sin(phase) * sign).to(dtype), torch.cos(phase).to(dtype)
+
+
+def rotation_pairs(sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """(..., d/2, 2) (cos, sin) pairs of each frequency from :func:`rotary_tables`' (..., d) tables."""
+    return torch.stack((cos[..., 0::2], sin[..., 1::2]), dim=-1)
 
 
 def rotation_to_sin_cos(rotation: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -70,33 +107,101 @@ def rotation_to_sin_cos(rotation: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return torch.stack((-sin, sin), -1).flatten(-2), torch.stack((cos, cos), -1).flatten(-2)
 
 
-def axis_bias(decay: torch.Tensor, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``lambda_h * |t - t'|`` between the ``size`` tokens of one axis, (n, size, size)."""
+def axis_distance(size: int, device: torch.device) -> torch.Tensor:
+    """``|t - t'|`` between the ``size`` tokens of one axis, (size, size) float32."""
     index = torch.arange(size, device=device, dtype=torch.float32)
-    distance = (index[:, None] - index[None, :]).abs()
-    return (distance * decay.to(device=device, dtype=torch.float32)[:, None, None]).to(dtype)
+    return (index[:, None] - index[None, :]).abs()
 
 
-def manhattan_bias(bias_h: torch.Tensor, bias_w: torch.Tensor, rows: Optional[Tuple[int, int]] = None,
+def axis_bias(decay: torch.Tensor, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``lambda_h * |t - t'|`` between the ``size`` tokens of one axis, (n, size, size), computed in float32
+    (float64 for a float64 ``decay``)."""
+    decay = decay.to(device=device, dtype=torch.promote_types(decay.dtype, torch.float32))
+    return (axis_distance(size, device) * decay[:, None, None]).to(dtype)
+
+
+def manhattan_bias(axis_biases: List[torch.Tensor], rows: Optional[Tuple[int, int]] = None,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``lambda_h * (|i - i'| + |j - j'|)``, the 2-D decay, as the sum of the two axis terms.
+    """The decay over the whole grid, ``lambda_h * sum_a |t_a - t'_a|``, as the sum of the per-axis terms.
 
-    Shape (n, R * W, H * W) for the queries in image rows ``rows = (r0, r1)`` (all H rows by default),
-    written into ``out`` (a flat buffer of at least that many elements) when given.
+    ``axis_biases``: one (n, s_a, s_a) term per grid axis (:func:`axis_bias`). Returns (n, Lq, L) for the
+    queries whose first grid index lies in ``rows = (r0, r1)`` (all by default; Lq = (r1 - r0) * the
+    other sizes), written into ``out`` (a flat buffer of at least that many elements) when given. With a
+    per-token ``n`` axis (several leading dims) the terms broadcast the same way.
     """
-    n, H, W = bias_h.shape[0], bias_h.shape[1], bias_w.shape[1]
-    r0, r1 = (0, H) if rows is None else rows
-    terms = (bias_h[:, r0:r1, None, :, None], bias_w[:, None, :, None, :])
-    if out is None:
-        bias = torch.add(*terms)
+    ndim = len(axis_biases)
+    lead = list(axis_biases[0].shape[:-2])
+    terms: List[torch.Tensor] = []
+    q_sizes: List[int] = []
+    k_sizes: List[int] = []
+    for a, term in enumerate(axis_biases):
+        if a == 0 and rows is not None:
+            term = term[..., rows[0]:rows[1], :]
+        shape = lead + [1] * (2 * ndim)
+        shape[len(lead) + a] = term.shape[-2]
+        shape[len(lead) + ndim + a] = term.shape[-1]
+        terms.append(term.reshape(shape))
+        q_sizes.append(term.shape[-2])
+        k_sizes.append(term.shape[-1])
+    q_size, k_size = 1, 1
+    for s in q_sizes:
+        q_size *= s
+    for s in k_sizes:
+        k_size *= s
+    bias = terms[0]
+    if out is not None and ndim > 1:
+        full = lead + q_sizes + k_sizes
+        count = 1
+        for s in full:
+            count *= s
+        bias = out[:count].view(full)
+        if ndim == 2:
+            torch.add(terms[0], terms[1], out=bias)
+        else:
+            bias.copy_(terms[0])
+            for term in terms[1:]:
+                bias.add_(term)
     else:
-        bias = out[:n * (r1 - r0) * W * H * W].view(n, r1 - r0, W, H, W)
-        torch.add(*terms, out=bias)
-    return bias.view(n, (r1 - r0) * W, H * W)
+        for term in terms[1:]:
+            bias = bias + term
+    return bias.reshape(lead + [q_size, k_size])
+
+
+def decay_bias(decay: torch.Tensor, grid: List[int], axis: Optional[int] = None,
+               rows: Optional[Tuple[int, int]] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The decay bias for ``decay`` over ``grid``, differentiable in ``decay``.
+
+    ``decay``: (n,) per-head log decay, or (B, n, L) per query token (L = the grid's token count; a
+    data-dependent decay: the bias between query t and key t' is ``decay[b, h, t] * distance(t, t')``).
+    ``axis``: along one grid axis (each sequence of tokens that differ only in that coordinate), else
+    over the whole grid (Manhattan distance), for the queries in first-axis range ``rows`` (as
+    :func:`manhattan_bias`). Shapes: per head (n, Lq, L) or (n, s, s) along an axis; per token
+    (B, n, Lq, L), or along an axis (B * other positions, n, s, s) in the order of
+    ``grid_sequences``' flattening (batch, then the other axes in grid order).
+    """
+    device = decay.device
+    decay = decay.to(torch.promote_types(decay.dtype, torch.float32))
+    if axis is not None:
+        distance = axis_distance(grid[axis], device)
+        if decay.dim() == 1:
+            return (decay[:, None, None] * distance).to(dtype)
+        per_token = decay.unflatten(-1, grid).movedim(2 + axis, -1)  # (B, n, *other, s)
+        per_token = per_token.movedim(1, -2).flatten(0, -3)                # (B * other, n, s)
+        return (per_token[..., None] * distance).to(dtype)
+    distances = [axis_distance(s, device)[None] for s in grid]
+    distance = manhattan_bias(distances, rows)[0]
+    if decay.dim() == 1:
+        return (decay[:, None, None] * distance).to(dtype)
+    per_token = decay
+    if rows is not None:
+        inner = distance.shape[0] // (rows[1] - rows[0])
+        per_token = per_token[..., rows[0] * inner:rows[1] * inner]
+    return (per_token[..., None] * distance).to(dtype)
 
 
 def theta_shift(x: torch.Tensor, tables: PositionTables) -> torch.Tensor:
-    """Rotary shift ``x * cos + rot(x) * sin`` of (B, H, W, n, d) features (paper eq. 3, the released ``theta_shift``).
+    """Rotary shift ``x * cos + rot(x) * sin`` of (B, *grid, n, d) features (paper eq. 3, the released
+    ``theta_shift``).
 
     For float32/64 this is one complex multiply of the feature pairs by ``exp(i p a)`` (a single
     pass over memory); otherwise, and where complex numbers cannot go (TorchScript, tracing,
@@ -122,75 +227,100 @@ def _use_complex(x: torch.Tensor, rotation: torch.Tensor) -> bool:
         and x.dtype == rotation.dtype and x.stride(-1) == 1
 
 
-def position_tables(num_heads: int, head_dim: int, decay_exponent: float, heads_range: float, H: int, W: int,
-                    device: torch.device, dtype: torch.dtype, with_2d: bool) -> PositionTables:
-    """The rotary and decay tables of a stage of ``num_heads`` heads of ``head_dim`` channels on an H x W map,
-    in ``dtype`` (the rotation pairs only for float32/64), with the (n, HW, HW) bias when ``with_2d``."""
-    decay = decay_rates(num_heads, decay_exponent, heads_range)
-    sin, cos = rotary_tables(rotary_angles(head_dim), H, W, device, dtype)
+def position_tables(decay: torch.Tensor, head_dim: int, grid: List[int], device: torch.device, dtype: torch.dtype,
+                    with_full: bool, extents: Optional[torch.Tensor] = None) -> PositionTables:
+    """The rotary and decay tables of heads of ``head_dim`` channels with log decay ``decay`` (n,) on ``grid``,
+    in ``dtype`` (the rotation pairs only for float32/64), with the (n, L, L) bias when ``with_full``, and
+    per-image rotary positions when ``extents`` (B, len(grid)) gives each image's valid size."""
+    decay = decay.to(device=device, dtype=torch.float32)
+    sin, cos = rotary_tables(rotary_angles(head_dim), grid, device, dtype, extents)
     if dtype == torch.float32 or dtype == torch.float64:
-        rotation = torch.stack((cos[..., 0::2], sin[..., 1::2]), dim=-1)
+        rotation = rotation_pairs(sin, cos)
     else:
         rotation = torch.empty(0, device=device, dtype=dtype)
-    bias_h, bias_w = axis_bias(decay, H, device, dtype), axis_bias(decay, W, device, dtype)
-    bias_2d = manhattan_bias(bias_h, bias_w) if with_2d else torch.empty(0, device=device, dtype=dtype)
-    return PositionTables(sin, cos, rotation, decay.to(device), bias_h, bias_w, bias_2d)
+    axis = [axis_bias(decay, s, device, dtype) for s in grid]
+    bias = manhattan_bias(axis) if with_full else torch.empty(0, device=device, dtype=dtype)
+    return PositionTables(sin, cos, rotation, decay, axis, bias)
 
 
 torch.fx.wrap('position_tables')  # FX graphs (torchvision's feature extraction) build the tables as one node
 
 
-class RelPos2d(nn.Module):
-    """Rotary and decay tables of one stage, cached per (H, W, device, dtype); the released ``Relpos``.
+class RelPos(nn.Module):
+    """Rotary and decay tables of one stage or layer, cached per (grid, device, dtype); the released ``Relpos``.
 
-    The full (n, HW, HW) bias is built only when ``with_2d`` asks for it (full-attention stages on
-    the paths that read a materialised bias); the decomposed stages and the blocked and Triton
-    paths need only the per-axis terms. Holds no tensors in ``state_dict``: the released
-    checkpoints' ``Relpos.angle`` / ``Relpos.decay`` buffers are checked against it on load.
+    Args:
+        dim: channels, split into ``num_heads`` heads of even size.
+        decay_exponent, heads_range: head h's log decay is
+            ``ln(1 - 2 ** (-decay_exponent - heads_range * h / num_heads))`` (:func:`decay_rates`;
+            the released ``initial_value`` and ``heads_range``).
+        learnable_decay: the log decay becomes a parameter ``decay`` (n,), initialised so; tables that
+            depend on it are rebuilt on every call, so gradients reach it at every step.
+
+    The full (n, L, L) bias is built only when ``with_full`` asks for it (full-attention paths that
+    read a materialised bias). Without ``learnable_decay`` it holds no tensors in ``state_dict``: the
+    released checkpoints' ``Relpos.angle`` / ``Relpos.decay`` buffers are checked against it on load.
+    Raises ``ValueError`` when ``dim`` does not split into heads of even size.
     """
     cache_size: int = 8
     __jit_ignored_attributes__ = ['_cache']
 
-    def __init__(self, dim: int, num_heads: int, decay_exponent: float, heads_range: float):
+    def __init__(self, dim: int, num_heads: int, decay_exponent: float, heads_range: float,
+                 learnable_decay: bool = False):
         super().__init__()
-        if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f'dim {dim} must split into {num_heads} heads of even size')
+        if num_heads < 1 or dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f'{dim} channels do not split into {num_heads} heads of even size')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.decay_exponent = float(decay_exponent)
         self.heads_range = float(heads_range)
+        self.learnable_decay = learnable_decay
+        rates = decay_rates(num_heads, decay_exponent, heads_range)
+        self.decay = nn.Parameter(rates) if learnable_decay else None
         self._cache: 'OrderedDict' = OrderedDict()
 
-    def build(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> PositionTables:
-        """Compute the tables from scratch (what the cache stores)."""
-        return position_tables(self.num_heads, self.head_dim, self.decay_exponent, self.heads_range, H, W, device,
-                               dtype, with_2d)
+    def rates(self) -> torch.Tensor:
+        """The per-head log decay (n,): the parameter, or the configured rates."""
+        decay = self.decay
+        if decay is not None:
+            return decay
+        return decay_rates(self.num_heads, self.decay_exponent, self.heads_range)
 
-    def forward(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> PositionTables:
+    def build(self, grid: List[int], device: torch.device, dtype: torch.dtype, with_full: bool,
+              extents: Optional[torch.Tensor] = None) -> PositionTables:
+        """Compute the tables from scratch (what the cache stores)."""
+        return position_tables(self.rates(), self.head_dim, grid, device, dtype, with_full, extents)
+
+    def forward(self, grid: List[int], device: torch.device, dtype: torch.dtype, with_full: bool,
+                extents: Optional[torch.Tensor] = None) -> PositionTables:
         if torch.jit.is_scripting():
-            return self.build(H, W, device, dtype, with_2d)
-        return self._cached(H, W, device, dtype, with_2d)
+            return self.build(grid, device, dtype, with_full, extents)
+        return self._cached(grid, device, dtype, with_full, extents)
 
     @torch.jit.unused
-    def _cached(self, H: int, W: int, device: torch.device, dtype: torch.dtype, with_2d: bool) -> PositionTables:
-        if isinstance(H, torch.fx.Proxy):  # torch.fx / torchvision feature extraction: one node, built per call
-            return position_tables(self.num_heads, self.head_dim, self.decay_exponent, self.heads_range, H, W, device,
-                                   dtype, with_2d)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # tables traced from the input's sizes
-            return self.build(H, W, device, dtype, with_2d)
+    def _cached(self, grid: List[int], device: torch.device, dtype: torch.dtype, with_full: bool,
+                extents: Optional[torch.Tensor]) -> PositionTables:
+        if any(isinstance(s, torch.fx.Proxy) for s in grid):  # torch.fx / torchvision: one node, built per call
+            return position_tables(self.rates(), self.head_dim, grid, device, dtype, with_full, extents)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or extents is not None:
+            return self.build(grid, device, dtype, with_full, extents)  # from the input's sizes / this batch
         # tables made under inference_mode cannot be saved for backward later, so they key apart
-        key = (H, W, str(device), dtype, with_2d, torch.is_inference_mode_enabled())
+        key = (tuple(grid), str(device), dtype, with_full, torch.is_inference_mode_enabled())
         tables = self._cache.get(key)
         if tables is None:
-            tables = self.build(H, W, device, dtype, with_2d)
+            tables = position_tables(self.rates().detach(), self.head_dim, grid, device, dtype, with_full)
             self._cache[key] = tables
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
+        if self.decay is not None:  # the rotary tables are cached; the decay terms follow the parameter
+            decay = self.decay.to(device=device, dtype=torch.float32)
+            axis = [axis_bias(decay, s, device, dtype) for s in grid]
+            bias = manhattan_bias(axis) if with_full else tables.bias
+            tables = tables._replace(decay=decay, axis_bias=axis, bias=bias)
         return tables
 
     def extra_repr(self) -> str:
-        return f'num_heads={self.num_heads}, head_dim={self.head_dim}, ' \
-               f'decay_exponent={self.decay_exponent}, heads_range={self.heads_range}'
-
+        return f'num_heads={self.num_heads}, head_dim={self.head_dim}, decay_exponent={self.decay_exponent}, ' \
+               f'heads_range={self.heads_range}, learnable_decay={self.learnable_decay}'

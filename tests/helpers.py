@@ -204,3 +204,21 @@ def read_summary(run_dir: str) -> list:
 def cleanup() -> None:
     for path in _tmp_dirs:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0., name: str = 'tensor'):
+    """``torch.testing.assert_close`` whose failure names the tensor, the tolerances and the largest error."""
+    __tracebackhide__ = True
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f'{name}: shape {list(actual.shape)}, expected {list(expected.shape)}'
+    error = (actual.double() - expected.double()).abs()
+    allowed = atol + rtol * expected.double().abs()
+    bad = ~(error <= allowed)
+    assert not bad.any(), (f'{name}: {int(bad.sum())} of {error.numel()} elements beyond atol={atol:g}, rtol={rtol:g}; '
+                           f'largest error {error.max().item():.3g} at {list(map(int, torch.nonzero(error == error.max())[0]))}')
+
+
+def tables_for(grid, n=3, d=8, with_full=True, dtype=torch.float32, decay_exponent=2., heads_range=4.):
+    """The position tables of ``n`` heads of ``d`` channels over ``grid`` (a list of sizes)."""
+    from rmt.position import RelPos
+    return RelPos(n * d, n, decay_exponent, heads_range).build(list(grid), torch.device('cpu'), dtype, with_full)

@@ -1,124 +1,107 @@
-"""MaSA's torch paths and the plan that picks one: every fast path against the reference, the dispatch rules."""
+"""Which path computes MaSA: the backends table, the dispatch rules, and the model's pipeline on each path."""
+import warnings
+
 import pytest
 import timm
 import torch
 
 from rmt.attention import (
-    ATTN_IMPLS, AttentionPlan, _softmax, decomposed_attention, dispatch_thresholds, full_attention, masa_attention,
-    plan_attention)
-from rmt.position import RelPos2d, theta_shift_reference
-from tests.helpers import small_kwargs
+    ATTN_IMPLS, BACKENDS, AttentionPlan, Problem, dispatch_thresholds, masa_attention, masa_reference, plan_attention)
+from rmt.attention.backends import input_reason
+from rmt.position import theta_shift_reference
+from tests.helpers import assert_close, small_kwargs, tables_for
+
+CPU = torch.device('cpu')
 
 
-def make_qkv(B=2, H=5, W=7, n=3, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, W, n, d, generator=g) for _ in range(3)]
+def problem(grid, decomposed=True, heads=4, head_dim=16, dtype=torch.float32, **inputs):
+    return Problem(dtype, list(grid), heads, head_dim, decomposed, inputs.get('num_prefix', 0),
+                   inputs.get('masked', False), inputs.get('per_token_decay', False),
+                   inputs.get('decay_grad', False), inputs.get('batch', 1))
 
 
-def tables_for(H, W, n=3, d=8, with_2d=True):
-    return RelPos2d(n * d, n, 2., 4.).build(H, W, torch.device('cpu'), torch.float32, with_2d)
+def impl_of(requested, p, device=CPU):
+    return plan_attention(requested, p, device).impl
 
 
-@pytest.mark.parametrize('impl', ['sdpa', 'bmm', 'blocked'])
-@pytest.mark.parametrize('H,W', [(5, 7), (1, 9), (8, 3)])
-def test_full_attention_paths_match_reference(impl, H, W, thresholds):
-    thresholds(block_bytes=1)  # blocks of one image row
-    q, k, v = make_qkv(H=H, W=W)
-    tables = tables_for(H, W)
-    ref = full_attention(q, k, v, tables, 8 ** -0.5, 'reference')
-    out = full_attention(q, k, v, tables, 8 ** -0.5, impl)
-    assert out.shape == (2, H, W, 3, 8)
-    assert (out - ref).abs().max().item() < 1e-5
+@pytest.fixture
+def fresh_warnings():
+    """Forget which forced-path warnings this process gave (each is given once)."""
+    from rmt.attention import backends
+    backends._warned.clear()
 
 
-def test_blocked_attention_with_several_rows_per_block_matches_reference(thresholds):
-    H, W, n = 9, 4, 3
-    thresholds(block_bytes=2 * n * W * H * W * 4)  # two rows per block, ragged end
-    q, k, v = make_qkv(H=H, W=W, n=n)
-    tables = tables_for(H, W, n=n)
-    ref = full_attention(q, k, v, tables, 0.3, 'reference')
-    assert (full_attention(q, k, v, tables, 0.3, 'blocked') - ref).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize('impl', ['sdpa', 'bmm'])
-@pytest.mark.parametrize('H,W', [(5, 7), (1, 6), (6, 1)])
-def test_decomposed_fast_paths_match_reference(impl, H, W):
-    q, k, v = make_qkv(H=H, W=W)
-    tables = tables_for(H, W, with_2d=False)
-    ref = decomposed_attention(q, k, v, tables, 8 ** -0.5, 'reference')
-    out = decomposed_attention(q, k, v, tables, 8 ** -0.5, impl)
-    assert out.shape == (2, H, W, 3, 8)
-    assert (out - ref).abs().max().item() < 1e-5
-
-
-def test_decomposed_reference_is_row_then_column_attention():
-    B, H, W, n, d = 1, 3, 4, 2, 4
-    q, k, v = make_qkv(B, H, W, n, d)
-    tables = tables_for(H, W, n=n, d=d, with_2d=False)
-    bias_h, bias_w = tables.bias_h, tables.bias_w
-    out = decomposed_attention(q, k, v, tables, 1.0, 'reference')
-    # explicit loops over one head
-    h = 1
-    v1 = torch.empty(H, W, d)
-    for i in range(H):
-        a = (q[0, i, :, h] @ k[0, i, :, h].T + bias_w[h]).softmax(-1)
-        v1[i] = a @ v[0, i, :, h]
-    expected = torch.empty(H, W, d)
-    for j in range(W):
-        a = (q[0, :, j, h] @ k[0, :, j, h].T + bias_h[h]).softmax(-1)
-        expected[:, j] = a @ v1[:, j]
-    assert torch.allclose(out[0, :, :, h], expected, atol=1e-5)
-
-
-def impl_of(requested, decomposed, num_heads, x):
-    return plan_attention(requested, decomposed, num_heads, x).impl
+def test_backends_are_tried_in_one_order_and_auto_or_any_of_them_can_be_asked_for():
+    assert BACKENDS == ('triton', 'bmm', 'sdpa', 'blocked', 'reference')
+    assert ATTN_IMPLS == ('auto',) + BACKENDS
 
 
 def test_auto_dispatch_picks_sdpa_for_small_and_blocked_for_large_full_stages(thresholds):
     thresholds(bias_bytes=4 * 16 * 16 * 4, bmm_max_tokens=0)
-    assert impl_of('auto', False, 4, torch.empty(1, 4, 4, 8)) == 'sdpa'     # 16 tokens: fits
-    assert impl_of('auto', False, 4, torch.empty(1, 4, 5, 8)) == 'blocked'  # 20 tokens: too big
-    assert impl_of('auto', True, 4, torch.empty(1, 64, 64, 8)) == 'sdpa'    # decomposed: no 2-D bias
-    assert impl_of('reference', True, 4, torch.empty(1, 4, 4, 8)) == 'reference'
+    assert impl_of('auto', problem([4, 4], False)) == 'sdpa'     # 16 tokens: fits
+    assert impl_of('auto', problem([4, 5], False)) == 'blocked'  # 20 tokens: too big
+    assert impl_of('auto', problem([64, 64], True)) == 'sdpa'    # decomposed: no full bias
+    assert impl_of('reference', problem([4, 4], True)) == 'reference'
 
 
 def test_default_bias_budget_is_64_mib_of_the_compute_dtype():
-    assert impl_of('auto', False, 8, torch.empty(1, 33, 33, 64)) == 'sdpa'     # 8 * 1089^2 * 4 B = 36 MiB
-    assert impl_of('auto', False, 8, torch.empty(1, 40, 40, 64)) == 'blocked'  # 78 MiB
-    assert impl_of('auto', False, 8, torch.empty(1, 40, 40, 64, dtype=torch.bfloat16)) == 'sdpa'  # 39 MiB
+    assert impl_of('auto', problem([33, 33], False, heads=8, head_dim=8)) == 'sdpa'     # 8 * 1089^2 * 4 B = 36 MiB
+    assert impl_of('auto', problem([40, 40], False, heads=8, head_dim=8)) == 'blocked'  # 78 MiB
+    assert impl_of('auto', problem([40, 40], False, heads=8, head_dim=8, dtype=torch.bfloat16)) == 'sdpa'  # 39 MiB
 
 
 def test_auto_dispatch_picks_bmm_for_short_float_sequences_on_cpu():
-    assert impl_of('auto', True, 4, torch.empty(1, 28, 14, 8)) == 'bmm'    # rows 14, columns 28
-    assert impl_of('auto', True, 4, torch.empty(1, 56, 14, 8)) == 'sdpa'   # columns of 56
-    assert impl_of('auto', False, 4, torch.empty(1, 4, 8, 8)) == 'bmm'     # 32 tokens in all
-    assert impl_of('auto', False, 4, torch.empty(1, 7, 7, 8)) == 'sdpa'    # 49 tokens
-    assert impl_of('auto', True, 4, torch.empty(1, 14, 14, 8, dtype=torch.bfloat16)) == 'sdpa'
-    assert impl_of('auto', True, 4, torch.empty(1, 14, 14, 8, device='meta')) == 'sdpa'
-    assert impl_of('bmm', True, 4, torch.empty(1, 56, 56, 8)) == 'bmm'    # asked for: always
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # q, k, v in bf16 although the input is float32
-        assert impl_of('auto', True, 4, torch.empty(1, 14, 14, 8)) == 'sdpa'
-
-
-def test_blocked_means_sdpa_for_decomposed_stages():
-    assert impl_of('blocked', True, 4, torch.empty(1, 56, 56, 64)) == 'sdpa'
-    assert impl_of('blocked', False, 4, torch.empty(1, 7, 7, 64)) == 'blocked'
-
-
-def test_plan_gives_table_dtype_and_2d_bias_with_the_path():
-    x = torch.empty(1, 7, 7, 64)
-    assert plan_attention('sdpa', False, 4, x) == AttentionPlan('sdpa', torch.float32, True)
-    assert plan_attention('blocked', False, 4, x) == AttentionPlan('blocked', torch.float32, False)
-    assert plan_attention('sdpa', True, 4, x) == AttentionPlan('sdpa', torch.float32, False)
+    assert impl_of('auto', problem([28, 14])) == 'bmm'    # rows 14, columns 28
+    assert impl_of('auto', problem([56, 14])) == 'sdpa'   # columns of 56
+    assert impl_of('auto', problem([4, 8], False)) == 'bmm'     # 32 tokens in all
+    assert impl_of('auto', problem([7, 7], False)) == 'sdpa'    # 49 tokens
+    assert impl_of('auto', problem([14, 14], dtype=torch.bfloat16)) == 'sdpa'
+    assert impl_of('auto', problem([14, 14]), torch.device('meta')) == 'sdpa'
+    assert impl_of('bmm', problem([56, 56])) == 'bmm'    # asked for: always
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert plan_attention('sdpa', False, 4, x) == AttentionPlan('sdpa', torch.bfloat16, True)
+        assert impl_of('auto', problem([14, 14])) == 'sdpa'
 
 
-def test_triton_is_not_planned_where_the_kernels_cannot_run(monkeypatch):
+def test_plan_gives_table_dtype_and_full_bias_with_the_path():
+    assert plan_attention('sdpa', problem([7, 7], False), CPU) == AttentionPlan('sdpa', torch.float32, True)
+    assert plan_attention('blocked', problem([7, 7], False), CPU) == AttentionPlan('blocked', torch.float32, False)
+    assert plan_attention('sdpa', problem([7, 7], True), CPU) == AttentionPlan('sdpa', torch.float32, False)
+    assert plan_attention('sdpa', problem([7, 7], False, per_token_decay=True), CPU).needs_full_bias is False
+    assert plan_attention('sdpa', problem([7], False), CPU).needs_full_bias is False  # one axis: its own table
+    assert plan_attention('sdpa', problem([7, 7], False, dtype=torch.bfloat16), CPU).table_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize('inputs,reason', [
+    (dict(num_prefix=1), 'take prefix tokens'), (dict(masked=True), 'take a padding mask'),
+    (dict(per_token_decay=True), 'take a per-token decay'), (dict(decay_grad=True), 'give the decay a gradient')])
+def test_auto_never_plans_the_kernels_for_an_input_they_cannot_take(inputs, reason, monkeypatch):
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    p = problem([6, 6], **inputs)
+    assert input_reason('triton', p) == reason
+    assert impl_of('auto', p) != 'triton'
+    with pytest.raises(ValueError, match=f'^the triton attention path cannot {reason}; use another path or auto$'):
+        impl_of('triton', p)
+
+
+def test_blocked_path_refuses_prefix_tokens_and_means_auto_for_decomposed_attention(fresh_warnings):
+    with pytest.raises(ValueError, match='the blocked attention path cannot take prefix tokens'):
+        impl_of('blocked', problem([7, 7], False, num_prefix=1))
+    with pytest.warns(RuntimeWarning, match='blocked attention path cannot run here .it computes full attention'):
+        assert impl_of('blocked', problem([9, 11], True)) == 'bmm'
+
+
+def test_a_forced_path_that_cannot_run_here_warns_once_and_plans_auto(monkeypatch, fresh_warnings):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)  # the CPU without Triton's interpreter
-    x = torch.empty(1, 14, 14, 64)
-    assert impl_of('triton', True, 4, x) == impl_of('auto', True, 4, x) == 'bmm'
-    assert impl_of('triton', False, 4, torch.empty(1, 7, 7, 64)) == 'sdpa'
+    with pytest.warns(RuntimeWarning, match='the triton attention path cannot run here'):
+        assert impl_of('triton', problem([14, 14])) == impl_of('auto', problem([14, 14])) == 'bmm'
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert impl_of('triton', problem([14, 14])) == 'bmm'
+
+
+def test_unknown_path_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="unknown attention path 'fastest'"):
+        impl_of('fastest', problem([4, 4]))
 
 
 def test_dispatch_thresholds_setter_returns_the_previous_values_and_refuses_negatives(thresholds):
@@ -130,7 +113,7 @@ def test_dispatch_thresholds_setter_returns_the_previous_values_and_refuses_nega
     assert dispatch_thresholds().block_bytes == before.block_bytes
 
 
-def test_unknown_attention_impl_is_rejected():
+def test_unknown_attention_impl_is_rejected_by_the_model():
     model = timm.create_model('rmt_t', **small_kwargs())
     with pytest.raises(ValueError, match="unknown attention implementation 'fastest'"):
         model.set_attn_impl('fastest')
@@ -147,65 +130,18 @@ def test_rmt_attn_impl_environment_variable_forces_the_path_of_auto(monkeypatch)
         timm.create_model('rmt_t', **small_kwargs())
 
 
-def test_former_flex_path_means_auto_with_a_warning():
-    model = timm.create_model('rmt_t', **small_kwargs())
-    with pytest.warns(FutureWarning, match="'flex' was removed"):
-        model.set_attn_impl('flex')
-    assert [stage.attn_impl for stage in model.stages] == ['auto'] * 4
-    assert 'flex' not in ATTN_IMPLS
-
-
-@pytest.mark.parametrize('impl', ['bmm', 'blocked'])
-def test_full_attention_gradients_match_reference(impl, thresholds):
-    thresholds(block_bytes=1)  # every image row checkpointed on its own
-    H, W = 4, 5
-    tables = tables_for(H, W)
-    grads = []
-    for path in ('reference', impl):
-        q, k, v = [t.requires_grad_() for t in make_qkv(H=H, W=W)]
-        full_attention(q, k, v, tables, 0.3, path).pow(2).sum().backward()
-        grads.append([q.grad, k.grad, v.grad])
-    for ref, out in zip(*grads, strict=True):
-        assert (ref - out).abs().max().item() < 1e-5
-
-
-def test_decomposed_bmm_gradients_match_reference():
-    H, W = 4, 5
-    tables = tables_for(H, W, with_2d=False)
-    grads = []
-    for impl in ('reference', 'bmm'):
-        q, k, v = [t.requires_grad_() for t in make_qkv(H=H, W=W)]
-        decomposed_attention(q, k, v, tables, 0.3, impl).pow(2).sum().backward()
-        grads.append([q.grad, k.grad, v.grad])
-    for ref, out in zip(*grads, strict=True):
-        assert (ref - out).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize('length', [7, 14, 28])
-def test_short_row_softmax_matches_torch_softmax_with_and_without_autograd(length):
-    scores = torch.randn(6, 3, 5, length) * 20
-    expected = scores.softmax(-1)
-    assert torch.allclose(_softmax(scores.clone()), expected, atol=1e-6)
-    leaf = scores.clone().requires_grad_()
-    probs = _softmax(leaf)
-    assert torch.allclose(probs, expected, atol=1e-6)
-    weights = torch.randn_like(scores)
-    (probs * weights).sum().backward()
-    leaf_ref = scores.clone().requires_grad_()
-    (leaf_ref.softmax(-1) * weights).sum().backward()
-    assert torch.allclose(leaf.grad, leaf_ref.grad, atol=1e-6)
-
-
-@pytest.mark.parametrize('impl,decomposed', [('sdpa', True), ('bmm', True), ('sdpa', False), ('blocked', False)])
-def test_masa_pipeline_is_lce_plus_attention_of_the_shifted_projections(impl, decomposed):
+@pytest.mark.parametrize('impl,decomposed', [('reference', True), ('sdpa', True), ('bmm', True), ('sdpa', False),
+                                             ('bmm', False), ('blocked', False)])
+def test_masa_pipeline_is_lce_plus_attention_of_the_shifted_projections(impl, decomposed, thresholds):
+    thresholds(block_bytes=1)  # blocks of one image row
     B, H, W, n, d = 2, 5, 6, 2, 8
     g = torch.Generator().manual_seed(0)
     q, k, v, lce = [torch.randn(B, H, W, n * d, generator=g) for _ in range(4)]
-    tables = tables_for(H, W, n=n, d=d, with_2d=not decomposed)
+    tables = tables_for([H, W], n=n, d=d, with_full=not decomposed and impl != 'blocked')
     plan = AttentionPlan(impl, torch.float32, not decomposed and impl != 'blocked')
-    got = masa_attention(q, k, v, lce.clone(), tables, plan, n, decomposed)
+    got, _ = masa_attention(q, k, v, lce.clone(), tables, plan, n, decomposed)
     shape = (B, H, W, n, d)
-    qr, kr = [theta_shift_reference(t.view(shape), tables.sin, tables.cos) for t in (q, k)]
-    attend = decomposed_attention if decomposed else full_attention
-    want = lce + attend(qr, kr, v.view(shape), tables, d ** -0.5, 'reference').flatten(-2)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    qr, kr = [theta_shift_reference(t.view(shape), tables.sin, tables.cos).flatten(1, 2).transpose(1, 2)
+              for t in (q, k)]
+    want = masa_reference(qr, kr, v.view(shape).flatten(1, 2).transpose(1, 2), tables.decay, [H, W], decomposed)
+    assert_close(got, lce + want.transpose(1, 2).reshape(B, H, W, n * d), atol=1e-5, name=f'{impl} output')

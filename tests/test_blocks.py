@@ -62,12 +62,6 @@ def test_cpe_adds_its_depthwise_conv_to_the_input():
         torch.testing.assert_close(cpe(x), x + conv.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_former_layer_norm_name_still_resolves_with_a_warning():
-    import rmt.blocks
-    with pytest.warns(FutureWarning, match='AutocastLayerNorm'):
-        assert rmt.blocks.LayerNorm is AutocastLayerNorm
-
-
 def test_traced_ffn_conv_takes_plain_ops_so_the_trace_saves_and_loads(tmp_path):
     conv = GeluDWConv(16)
     x = torch.randn(1, 5, 6, 16)
