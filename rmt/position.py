@@ -39,8 +39,8 @@ class PositionTables(NamedTuple):
     cos: torch.Tensor          # the same shape: cos(p a)
     rotation: torch.Tensor     # sin/cos's shape with (d/2, 2) for d: (cos, sin) pairs, for float32/64; else empty
     decay: torch.Tensor        # (n,) per-head log decay lambda_h, float32
-    axis_bias: List[torch.Tensor]  # per grid axis, in grid order: (n, s, s) lambda_h * |t - t'|
-    bias: torch.Tensor         # (n, L, L) lambda_h * Manhattan distance, or empty when not asked for
+    axis_bias: List[torch.Tensor]  # per grid axis, in grid order: (1, n, s, s) lambda_h * |t - t'|
+    bias: torch.Tensor         # (1, n, L, L) lambda_h * Manhattan distance, or empty when not asked for
 
 
 def decay_rates(num_heads: int, decay_exponent: float, heads_range: float) -> torch.Tensor:
@@ -114,20 +114,20 @@ def axis_distance(size: int, device: torch.device) -> torch.Tensor:
 
 
 def axis_bias(decay: torch.Tensor, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``lambda_h * |t - t'|`` between the ``size`` tokens of one axis, (n, size, size), computed in float32
-    (float64 for a float64 ``decay``)."""
+    """``lambda_h * |t - t'|`` between the ``size`` tokens of one axis, (1, n, size, size): 4-D like every bias
+    here, the shape attention masks take. Computed in float32 (float64 for a float64 ``decay``)."""
     decay = decay.to(device=device, dtype=torch.promote_types(decay.dtype, torch.float32))
-    return (axis_distance(size, device) * decay[:, None, None]).to(dtype)
+    return (axis_distance(size, device) * decay.reshape(1, -1, 1, 1)).to(dtype)
 
 
 def manhattan_bias(axis_biases: List[torch.Tensor], rows: Optional[Tuple[int, int]] = None,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The decay over the whole grid, ``lambda_h * sum_a |t_a - t'_a|``, as the sum of the per-axis terms.
 
-    ``axis_biases``: one (n, s_a, s_a) term per grid axis (:func:`axis_bias`). Returns (n, Lq, L) for the
-    queries whose first grid index lies in ``rows = (r0, r1)`` (all by default; Lq = (r1 - r0) * the
-    other sizes), written into ``out`` (a flat buffer of at least that many elements) when given. With a
-    per-token ``n`` axis (several leading dims) the terms broadcast the same way.
+    ``axis_biases``: one (..., s_a, s_a) term per grid axis (:func:`axis_bias`: (1, n, s_a, s_a)). Returns
+    (..., Lq, L) for the queries whose first grid index lies in ``rows = (r0, r1)`` (all by default; Lq =
+    (r1 - r0) * the other sizes), written into ``out`` (a flat buffer of at least that many elements) when
+    given.
     """
     ndim = len(axis_biases)
     lead = list(axis_biases[0].shape[:-2])
@@ -175,23 +175,23 @@ def decay_bias(decay: torch.Tensor, grid: List[int], axis: Optional[int] = None,
     data-dependent decay: the bias between query t and key t' is ``decay[b, h, t] * distance(t, t')``).
     ``axis``: along one grid axis (each sequence of tokens that differ only in that coordinate), else
     over the whole grid (Manhattan distance), for the queries in first-axis range ``rows`` (as
-    :func:`manhattan_bias`). Shapes: per head (n, Lq, L) or (n, s, s) along an axis; per token
+    :func:`manhattan_bias`). Shapes: per head (1, n, Lq, L) or (1, n, s, s) along an axis; per token
     (B, n, Lq, L), or along an axis (B * other positions, n, s, s) in the order of
-    ``grid_sequences``' flattening (batch, then the other axes in grid order).
+    :func:`rmt.attention.paths.sequences` (batch, then the other axes in grid order).
     """
     device = decay.device
     decay = decay.to(torch.promote_types(decay.dtype, torch.float32))
     if axis is not None:
         distance = axis_distance(grid[axis], device)
         if decay.dim() == 1:
-            return (decay[:, None, None] * distance).to(dtype)
+            return (decay.reshape(1, -1, 1, 1) * distance).to(dtype)
         per_token = decay.unflatten(-1, grid).movedim(2 + axis, -1)  # (B, n, *other, s)
         per_token = per_token.movedim(1, -2).flatten(0, -3)                # (B * other, n, s)
         return (per_token[..., None] * distance).to(dtype)
-    distances = [axis_distance(s, device)[None] for s in grid]
-    distance = manhattan_bias(distances, rows)[0]
+    distances = [axis_distance(s, device) for s in grid]
+    distance = manhattan_bias(distances, rows)
     if decay.dim() == 1:
-        return (decay[:, None, None] * distance).to(dtype)
+        return (decay.reshape(1, -1, 1, 1) * distance).to(dtype)
     per_token = decay
     if rows is not None:
         inner = distance.shape[0] // (rows[1] - rows[0])
@@ -223,7 +223,7 @@ def theta_shift_reference(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
 @torch.jit.unused
 def _use_complex(x: torch.Tensor, rotation: torch.Tensor) -> bool:
     # no complex numbers in traced (torch.jit.trace, classic ONNX) or exported graphs
-    return not torch.jit.is_tracing() and not torch.compiler.is_exporting() and rotation.numel() > 0 \
+    return not torch.jit.is_tracing() and not torch.compiler.is_compiling() and rotation.numel() > 0 \
         and x.dtype == rotation.dtype and x.stride(-1) == 1
 
 

@@ -41,4 +41,4 @@ def test_decomposed_stages_hold_no_2d_bias_at_detection_size():
     for stage, side in zip(model.stages[:2], (128, 64)):  # decomposed in RMT-T
         tables = list(stage.relpos._cache.values())
         assert len(tables) == 1
-        assert tables[0].bias.numel() == 0 and tables[0].axis_bias[0].shape == (stage.num_heads, side, side)
+        assert tables[0].bias.numel() == 0 and tables[0].axis_bias[0].shape == (1, stage.num_heads, side, side)

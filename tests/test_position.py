@@ -95,13 +95,13 @@ def test_theta_shift_without_complex_table_uses_the_reference_formula():
 def test_axis_bias_is_decay_times_distance_along_the_axis():
     decay = torch.tensor([-0.5, -0.25])
     distance = torch.tensor([[abs(i - j) for j in range(4)] for i in range(4)], dtype=torch.float32)
-    assert_close(axis_bias(decay, 4, CPU, torch.float32), decay[:, None, None] * distance, atol=0)
+    assert_close(axis_bias(decay, 4, CPU, torch.float32), decay[None, :, None, None] * distance, atol=0)
 
 
 @pytest.mark.parametrize('grid', [[7], [3, 5], [2, 3, 4]])
 def test_manhattan_bias_is_decay_times_city_block_distance(grid):
     tables = tables_for(grid, with_full=False)
-    assert_close(manhattan_bias(tables.axis_bias), tables.decay[:, None, None] * city_block(grid), atol=1e-6)
+    assert_close(manhattan_bias(tables.axis_bias), tables.decay[None, :, None, None] * city_block(grid), atol=1e-6)
 
 
 @pytest.mark.parametrize('grid', [[6, 4], [5, 2, 3]])
@@ -111,7 +111,7 @@ def test_manhattan_bias_of_a_row_slice_is_that_slice_of_the_whole_written_in_the
     buffer = torch.empty(3 * 2 * inner * math.prod(grid))
     part = manhattan_bias(tables.axis_bias, (2, 4), buffer)
     assert part.data_ptr() == buffer.data_ptr()
-    assert_close(part, tables.bias[:, 2 * inner:4 * inner], atol=0)
+    assert_close(part, tables.bias[:, :, 2 * inner:4 * inner], atol=0)
 
 
 def test_per_token_decay_scales_each_querys_distances():

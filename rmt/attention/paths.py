@@ -45,11 +45,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    # a 4-D mask keeps the fused CPU kernel; a 3-D one would fall back to the math path
-    bias = bias.to(q.dtype)
-    while bias.dim() < 4:
-        bias = bias.unsqueeze(0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    # biases are 4-D (rmt.position): the fused CPU kernel takes no 3-D mask, and a 4-D view made here of a 3-D
+    # table would be a symbolic-size view that Inductor cannot order the strides of in dynamic-shape graphs
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -217,7 +215,7 @@ def _block_bias(decay: torch.Tensor, grid: List[int], rows: Tuple[int, int], dty
 
 
 def _block_distance(grid: List[int], rows: Tuple[int, int], device: torch.device) -> torch.Tensor:
-    return decay_bias(torch.ones(1, device=device), grid, rows=rows)[0]
+    return decay_bias(torch.ones(1, device=device), grid, rows=rows)[0, 0]
 
 
 def _blocked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
