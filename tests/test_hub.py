@@ -300,7 +300,8 @@ def test_publishing_into_an_existing_folder_replaces_its_three_files_and_keeps_t
 
 
 @pytest.mark.parametrize('argv, error', [
-    (['x.safetensors', '--hub-dir', 'd'], 'give either OUTPUT (a .safetensors file) or --hub-dir DIR (a Hub folder), not both'),
+    (['x.safetensors', '--hub-dir', 'd'],
+     'give either OUTPUT (a .safetensors file) or --hub-dir DIR (a Hub folder), not both'),
     ([], 'OUTPUT or --hub-dir DIR is required'),
     (['--hub-dir', str(SMALL_CHECKPOINT)], f'--hub-dir {SMALL_CHECKPOINT}: a file, expected a folder to write'),
 ])

@@ -181,7 +181,8 @@ def test_a_moved_load_checkpoint_is_a_warning_naming_it_and_the_other_homes_stil
 
 def test_create_model_no_longer_calling_load_checkpoint_is_a_warning(restored_homes, monkeypatch):
     monkeypatch.setattr(_factory, 'create_model', lambda *args, **kwargs: None)
-    with pytest.warns(RuntimeWarning, match=r'moved load_checkpoint \(timm\.models\.create_model \(checkpoint_path=\)\)'):
+    with pytest.warns(RuntimeWarning, match=r'moved load_checkpoint \(timm\.models\.create_model '
+                                            r'\(checkpoint_path=\)\)'):
         timm_compat.route_load_checkpoint(lambda m: False, None)
 
 
