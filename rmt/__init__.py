@@ -4,12 +4,15 @@ Importing the package registers ``rmt_t``, ``rmt_s``, ``rmt_b`` and ``rmt_l`` wi
 
 The model is ``position -> kernels -> attention -> blocks -> model`` (each module imports only those
 before it, and ``mixtoken``); ``features`` is its ``features_only`` form; ``checkpoint`` reads checkpoint
-files and maps their weights; ``detection`` puts the backbone into torchvision's detectors and mmdet /
-mmseg; ``export`` and ``flops`` serve deployment; ``token_labeling`` holds token-labeling training
-(labels, targets, loss). The command-line scripts in ``scripts/`` are thin: what they share lives in
-``cli`` (one-line errors, checked arguments, config files, model building), ``data`` (datasets and
-loaders), ``evaluate`` and ``train_utils`` (files written whole, the checkpoint saver). Every submodule
-is reachable from ``import rmt`` alone (``rmt.export.export_program(...)``): the ones not imported
+files and maps their weights, from every source timm resolves (files, URLs, ``local-dir:``, ``hf-hub:``);
+``hub`` publishes them as a folder in timm's Hugging Face Hub layout; ``timm_compat`` holds every private
+timm and torch name the package uses (and routes timm's ``load_checkpoint`` for RMT models);
+``detection`` puts the backbone into torchvision's detectors and mmdet / mmseg; ``export`` and ``flops``
+serve deployment; ``token_labeling`` holds token-labeling training (labels, targets, loss). The
+command-line scripts in ``scripts/`` are thin: what they share lives in ``cli`` (one-line errors,
+checked arguments, config files, model building), ``data`` (datasets and loaders), ``evaluate`` and
+``train_utils`` (files written whole, the checkpoint saver). Every submodule is reachable from
+``import rmt`` alone (``rmt.export.export_program(...)``): the ones not imported
 here load on first use.
 """
 import importlib
@@ -25,7 +28,7 @@ __all__ = ['ATTN_IMPLS', 'MaSA', 'MaSA1d', 'MaSA2d', 'MaSA3d', 'RMT', 'RMTFeatur
            'official_config_to_kwargs', 'plan_attention', 'set_dispatch_thresholds']
 __version__ = '0.1.0'
 
-_LAZY = ('cli', 'data', 'evaluate', 'export', 'flops', 'mixtoken', 'token_labeling', 'train_utils')
+_LAZY = ('cli', 'data', 'evaluate', 'export', 'flops', 'hub', 'mixtoken', 'token_labeling', 'train_utils')
 
 
 def _set_attn_budget(mask_bytes=None, block_bytes=None):

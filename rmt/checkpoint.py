@@ -15,7 +15,7 @@
 * :func:`released_names_hook` applies it inside ``model.load_state_dict`` with torch's meaning of
   ``strict``, so ``timm.create_model(..., checkpoint_path=...)``, ``timm.models.load_checkpoint`` and
   a plain ``load_state_dict`` take every such file; :func:`checkpoint_filter_fn` is timm's pretrained
-  path. For RMT models, :func:`load_checkpoint` replaces timm's ``load_checkpoint`` (which
+  path. For RMT models, :func:`load_checkpoint` takes the place of timm's ``load_checkpoint`` (which
   ``checkpoint_path=`` also calls), so the file is read here and named in every error.
 * A converted ``.safetensors`` names its model and constructor kwargs in its metadata
   (:func:`model_metadata`, :func:`read_model_metadata`).
@@ -41,16 +41,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-import timm.models
-from timm.models import clean_state_dict
-from timm.models import adapt_input_conv
+from timm.models import adapt_input_conv, clean_state_dict
 
 from .position import decay_rates, rotary_angles
+from .timm_compat import TIMM_LOAD_CHECKPOINT
 
 __all__ = [
     'load_checkpoint_file', 'weights_key', 'has_ema', 'state_dict_from_checkpoint', 'is_released', 'remap_released',
     'to_model_names', 'CheckpointMismatchError', 'loading', 'released_names_hook', 'state_dict_misfit',
-    'checkpoint_filter_fn', 'load_checkpoint', 'official_config_to_kwargs', 'model_metadata', 'read_model_metadata',
+    'checkpoint_filter_fn', 'load_checkpoint', 'pretrained_source', 'HUB_WEIGHT_FILES', 'official_config_to_kwargs',
+    'model_metadata', 'read_model_metadata',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -420,26 +420,19 @@ def checkpoint_filter_fn(
     return state_dict
 
 
-_timm_load_checkpoint = timm.models.load_checkpoint
-
-
-def _is_rmt(model: nn.Module) -> bool:
-    from .model import RMT
-    return isinstance(model, RMT) or isinstance(getattr(model, 'model', None), RMT)
-
-
 def load_checkpoint(model: nn.Module, checkpoint_path: str, use_ema: bool = True,
                     device: Union[str, torch.device] = 'cpu', strict: bool = True, remap: bool = False,
                     filter_fn: Optional[Callable] = None, weights_only: bool = True) -> Any:
-    """timm's ``load_checkpoint`` (also what ``create_model(checkpoint_path=...)`` calls), reading the file here
-    for RMT models: every failure is one line naming the file, and the files :func:`load_checkpoint_file`
-    accepts (numpy scalars in an mmdet ``meta``, for one) load. Other models, ``remap=True``,
-    ``weights_only=False`` and numpy weight files go to timm's function unchanged. ``device`` is not
-    needed: the weights are copied into the model's own tensors.
+    """timm's ``load_checkpoint`` for RMT models (``import rmt`` routes them here, also from
+    ``create_model(checkpoint_path=...)``; see :func:`rmt.timm_compat.route_load_checkpoint`), reading the file
+    here: every failure is one line naming the file, and the files :func:`load_checkpoint_file` accepts (numpy
+    scalars in an mmdet ``meta``, for one) load. ``remap=True``, ``weights_only=False`` and numpy weight files
+    go to timm's function unchanged. ``device`` is not needed: the weights are copied into the model's own
+    tensors.
     """
-    if not _is_rmt(model) or remap or not weights_only or str(checkpoint_path).lower().endswith(('.npz', '.npy')):
-        return _timm_load_checkpoint(model, checkpoint_path, use_ema=use_ema, device=device, strict=strict,
-                                     remap=remap, filter_fn=filter_fn, weights_only=weights_only)
+    if remap or not weights_only or str(checkpoint_path).lower().endswith(('.npz', '.npy')):
+        return TIMM_LOAD_CHECKPOINT(model, checkpoint_path, use_ema=use_ema, device=device, strict=strict,
+                                    remap=remap, filter_fn=filter_fn, weights_only=weights_only)
     state_dict = state_dict_from_checkpoint(load_checkpoint_file(checkpoint_path), use_ema)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
@@ -447,17 +440,63 @@ def load_checkpoint(model: nn.Module, checkpoint_path: str, use_ema: bool = True
         return model.load_state_dict(state_dict, strict=strict)
 
 
-def _use_our_load_checkpoint() -> None:
-    """Put :func:`load_checkpoint` where timm's callers look it up (``timm.models``, and the module
-    ``create_model`` calls it from)."""
-    import timm.models._factory
-    import timm.models._helpers
-    for module in (timm.models, timm.models._helpers, timm.models._factory):
-        if getattr(module, 'load_checkpoint', None) is _timm_load_checkpoint:
-            module.load_checkpoint = load_checkpoint
+# --- where pretrained weights come from ----------------------------------------------------------------
+
+# The weight files of a folder in timm's Hub layout, in timm's order of preference (then any file by extension).
+HUB_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+_WEIGHT_EXTENSIONS = ('.safetensors', '.pth', '.pth.tar', '.bin')
 
 
-_use_our_load_checkpoint()
+def _folder_weights(folder: str) -> str:
+    for name in HUB_WEIGHT_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f'local-dir:{folder}: no such folder')
+    for ext in _WEIGHT_EXTENSIONS:
+        found = sorted(f for f in os.listdir(folder) if f.endswith(ext))
+        if found:
+            return os.path.join(folder, found[0])
+    raise FileNotFoundError(f'local-dir:{folder} holds no weights file ({", ".join(HUB_WEIGHT_FILES)})')
+
+
+def _hub_weights(hub_id: str, filename: Optional[str], cache_dir: Optional[str]) -> str:
+    """The local path of a Hub repository's weight file (``org/name`` or ``org/name@revision``), downloaded into
+    the Hub cache when not there (``HF_HUB_OFFLINE=1``: only from the cache)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    import timm
+    repo_id, _, revision = hub_id.partition('@')
+    names = (filename,) if filename else HUB_WEIGHT_FILES[:2]
+    for name in names:
+        try:
+            return hf_hub_download(repo_id, name, revision=revision or None, cache_dir=cache_dir,
+                                   library_name='timm', library_version=timm.__version__)
+        except EntryNotFoundError as e:
+            error = e
+    raise FileNotFoundError(f'hf-hub:{hub_id} has no weights file ({" or ".join(names)}): {_first_line(error)}')
+
+
+def pretrained_source(cfg: Any, custom_load: bool = True, cache_dir: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Pretrained-cfg entries that make timm load the weights ``cfg`` names with :meth:`rmt.RMT.load_pretrained`.
+
+    ``cfg`` is timm's resolved ``PretrainedCfg``. A ``local-dir:`` folder gives its weight file, a Hub
+    repository (``hf-hub:`` or ``hf_hub_id``) the file fetched into the Hub cache, each as ``file`` with
+    ``custom_load`` (timm reads these sources itself otherwise: its own errors, and EMA weights first);
+    ``file`` and ``url`` get ``custom_load`` (unless ``custom_load=False``); a ``state_dict`` goes
+    through timm's path with :func:`checkpoint_filter_fn` as it is. Returns ``None`` when ``cfg`` names
+    no weights. Raises ``FileNotFoundError`` naming the folder or repository that holds no weights.
+    """
+    # timm's order (its _resolve_pretrained_source): the cfg's source, then state_dict, file, hf_hub_id, url
+    if cfg.source == 'local-dir':
+        return dict(file=_folder_weights(cfg.file), source=None, custom_load=True)
+    if cfg.source == 'hf-hub' or (cfg.hf_hub_id and not cfg.state_dict and not cfg.file):
+        return dict(file=_hub_weights(cfg.hf_hub_id, cfg.hf_hub_filename, cache_dir), source=None, custom_load=True)
+    if cfg.state_dict:
+        return {}
+    if cfg.file or cfg.url:
+        return dict(custom_load=custom_load)
+    return None
 
 
 def official_config_to_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:

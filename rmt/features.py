@@ -13,9 +13,8 @@ from typing import Any, Dict, Set
 import torch
 from torch import nn
 
-from timm.models._features import FeatureGetterNet
-
 from .checkpoint import loading
+from .timm_compat import FeatureGetterNet
 
 __all__ = ['RMTFeatures']
 

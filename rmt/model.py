@@ -26,15 +26,18 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     SelectAdaptivePool2d, calculate_drop_path_rates, get_device_dtype, trunc_normal_,
     use_fused_attn)
-from timm.models._features import feature_take_indices
-from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
+from timm.models import (
+    build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model, resolve_pretrained_cfg)
 from timm.models import checkpoint as grad_checkpoint
 
 from .attention import ATTN_IMPLS, MaSA
 from .blocks import RMTStage, Stem
-from .checkpoint import checkpoint_filter_fn, load_checkpoint_file, loading, read_model_metadata, released_names_hook
+from .checkpoint import (
+    checkpoint_filter_fn, load_checkpoint, load_checkpoint_file, loading, pretrained_source, read_model_metadata,
+    released_names_hook)
 from .features import RMTFeatures
 from .mixtoken import TokenLabelOutput, mix_tokens, sample_mixtoken_box, unmix_tokens
+from .timm_compat import BatchNorm, feature_take_indices, route_load_checkpoint
 
 __all__ = ['RMT', 'RMTHead', 'MODEL_ARGS']
 
@@ -57,7 +60,7 @@ def _frozen_batchnorm_stats(module: nn.Module):
 
     For the recomputation in gradient checkpointing: the forward pass already updated them once.
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in module.modules() if isinstance(m, BatchNorm)]
     saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0
@@ -317,7 +320,7 @@ class RMT(nn.Module):
                 module.eval()
             if self.norm_eval:
                 for module in self.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    if isinstance(module, BatchNorm):
                         module.eval()
         return self
 
@@ -492,29 +495,36 @@ class RMT(nn.Module):
 # --- variants and registration ----------------------------------------------------------------------
 
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
+    pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    if pretrained and not any(overlay.get(k) for k in ('file', 'state_dict', 'url', 'hf_hub_id')):
-        raise RuntimeError(
-            f'{variant}: the released RMT weights are not hosted; pass the downloaded file, e.g. '
-            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth'))")
-    if overlay.get('file') and 'custom_load' not in overlay:
-        overlay['custom_load'] = True  # our loader: prefers `model` over `model_ema`, maps released names
-    tag = kwargs.get('pretrained_cfg')
-    if isinstance(tag, str) and tag.endswith('_tl'):
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg, overlay)
+    if pretrained:
+        # every source timm resolves (file, url, state_dict, local-dir:, hf-hub:) loads with our loader
+        source = pretrained_source(cfg, overlay.get('custom_load', True), kwargs.get('cache_dir'))
+        if source is None:
+            raise RuntimeError(
+                f'{variant}: the released RMT weights are not hosted; pass the downloaded file, e.g. '
+                f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='RMT-S.pth')), "
+                f"or a published folder: 'local-dir:DIR' or 'hf-hub:org/name'")
+        overlay.update(source)
+    if (cfg.tag or '').endswith('_tl'):  # the *_tl tags, and folders published from token-labeling files
         kwargs.setdefault('token_label', True)
-    features_only = kwargs.get('features_only', False)
     model = build_model_with_cfg(
-        RMT, variant, pretrained and not features_only,
+        RMT, variant, False,
+        pretrained_cfg=pretrained_cfg,
         pretrained_cfg_overlay=overlay,
-        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls=RMTFeatures),
         **kwargs,
     )
-    if features_only and pretrained:
-        # loaded after timm's wrapper has pruned the model, so a backbone file (no head, only some
-        # stages' norms used) fits exactly what the backbone keeps
-        load_pretrained(model.model, model.model.pretrained_cfg, num_classes=0, in_chans=model.model.in_chans,
-                        filter_fn=checkpoint_filter_fn, cache_dir=kwargs.get('cache_dir'))
+    if pretrained:
+        # Loaded here, after timm's features_only wrapper has pruned the model, so a backbone file (no head, only
+        # some stages' norms used) fits exactly what the backbone keeps. checkpoint_filter_fn adapts the classifier
+        # and the stem by their shapes, so timm is told the source's class and channel counts: it changes nothing.
+        rmt_model = model.model if kwargs.get('features_only') else model
+        cfg = rmt_model.pretrained_cfg
+        load_pretrained(rmt_model, cfg, num_classes=cfg.get('num_classes', rmt_model.num_classes),
+                        in_chans=cfg.get('input_size', (rmt_model.in_chans,))[0], filter_fn=checkpoint_filter_fn,
+                        cache_dir=kwargs.get('cache_dir'))
     return model
 
 
@@ -527,7 +537,8 @@ def _cfg(token_label: bool = False, **kwargs) -> Dict[str, Any]:
         'paper_ids': 'arXiv:2309.11523',
         'paper_name': 'RMT: Retentive Networks Meet Vision Transformers',
         'origin_url': 'https://github.com/qhfan/RMT',
-        'notes': ('released weights are not hosted; pass the file: pretrained_cfg_overlay=dict(file=...)',),
+        'notes': ('released weights are not hosted; pass the file (pretrained_cfg_overlay=dict(file=...)) or load '
+                  'a published folder (local-dir:DIR, hf-hub:org/name)',),
         **kwargs,
     }
 
@@ -581,3 +592,12 @@ def rmt_b(pretrained: bool = False, **kwargs) -> RMT:
 def rmt_l(pretrained: bool = False, **kwargs) -> RMT:
     """RMT-L: 95.5M params, 85.5% ImageNet-1k top-1 (paper), 86.1% with token labeling."""
     return _create_rmt('rmt_l', pretrained, **dict(MODEL_ARGS['rmt_l'], **kwargs))
+
+
+def _loads_with_rmt(model: nn.Module) -> bool:
+    """An RMT model, or timm's ``features_only`` wrapper of one: what timm's ``load_checkpoint`` sends to ours."""
+    return isinstance(model, RMT) or isinstance(getattr(model, 'model', None), RMT)
+
+
+# timm's load_checkpoint (and create_model(checkpoint_path=...)) reads RMT checkpoints with rmt's loader
+route_load_checkpoint(_loads_with_rmt, load_checkpoint)

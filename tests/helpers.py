@@ -69,6 +69,18 @@ def one_line_error(capsys, main, argv) -> str:
     return errors[0]
 
 
+def hub_cache_repo(cache, repo_id: str, folder, commit: str = '0123456789abcdef0123456789abcdef01234567') -> Path:
+    """Put the files of ``folder`` into the Hugging Face Hub cache ``cache`` (``$HF_HOME/hub``) as the main revision
+    of ``repo_id``, laid out as huggingface_hub reads it offline: ``models--ORG--NAME/refs/main`` holds a commit
+    hash, ``snapshots/<hash>/`` the files. Returns the snapshot folder."""
+    repo = Path(cache) / ('models--' + repo_id.replace('/', '--'))
+    snapshot = repo / 'snapshots' / commit
+    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    (repo / 'refs').mkdir(exist_ok=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    return snapshot
+
+
 def small_kwargs(**overrides):
     """Model kwargs of the fixtures' small configuration (10 classes)."""
     return dict(rmt.official_config_to_kwargs(json.loads(SMALL_CONFIG.read_text())), **overrides)
@@ -117,12 +129,13 @@ def _text(output) -> str:
     return output.decode(errors='replace') if isinstance(output, bytes) else output or ''
 
 
-def run(args, timeout: float = PATIENCE, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python ARGS...`` in a fresh interpreter at the repository root; output captured as text."""
+def run(args, timeout: float = PATIENCE, check: bool = True, extra_env=None) -> subprocess.CompletedProcess:
+    """Run ``python ARGS...`` in a fresh interpreter at the repository root (``extra_env`` added to its environment);
+    output captured as text."""
     command = f'python {" ".join(map(str, args))}'
     try:
         proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                              env=env(), cwd=REPO)
+                              env=dict(env(), **(extra_env or {})), cwd=REPO)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f'waited {timeout:.0f} s for {command} to finish; it was still running (hung?):\n'
                              f'{_text(e.stdout)[-3000:]}\n{_text(e.stderr)[-6000:]}') from None
