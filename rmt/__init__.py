@@ -6,11 +6,12 @@ The model is ``position -> kernels -> attention -> blocks -> model`` (each modul
 before it, and ``mixtoken``); ``features`` is its ``features_only`` form; ``checkpoint`` reads checkpoint
 files and maps their weights; ``detection`` puts the backbone into torchvision's detectors and mmdet /
 mmseg; ``export`` and ``flops`` serve deployment; ``token_labeling`` holds token-labeling training
-(labels, targets, loss). The command-line scripts in ``scripts/`` are thin: what they share lives in
-``cli`` (one-line errors, checked arguments, config files, model building), ``data`` (datasets and
-loaders), ``evaluate`` and ``train_utils`` (files written whole, the checkpoint saver). Every submodule
-is reachable from ``import rmt`` alone (``rmt.export.export_program(...)``): the ones not imported
-here load on first use.
+(labels, targets, loss); ``data`` holds datasets (class lists, an image folder that names the files it
+skips) and ``atomic`` writes files whole. The command-line layer (one-line errors, checked arguments,
+config files, the evaluation loop, the training checkpoint saver) is the subpackage ``tools``, which
+the scripts in ``scripts/`` and ``python -m rmt`` are built on; nothing else in ``rmt`` imports it.
+Every submodule is reachable from ``import rmt`` alone (``rmt.export.export_program(...)``): the ones
+not imported here load on first use.
 """
 import importlib
 
@@ -25,7 +26,7 @@ __all__ = ['ATTN_IMPLS', 'MaSA', 'RMT', 'RMTFeatures', 'RelPos2d', 'checkpoint_f
            'official_config_to_kwargs', 'plan_attention', 'set_dispatch_thresholds']
 __version__ = '0.1.0'
 
-_LAZY = ('cli', 'data', 'evaluate', 'export', 'flops', 'mixtoken', 'token_labeling', 'train_utils')
+_LAZY = ('atomic', 'data', 'export', 'flops', 'mixtoken', 'token_labeling', 'tools')
 
 
 def _set_attn_budget(mask_bytes=None, block_bytes=None):

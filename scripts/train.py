@@ -5,7 +5,7 @@ Takes timm's ``train.py`` flags with the same names and meanings (``--config FIL
 them; the command line wins) and is built from timm's library: datasets, loaders, transforms and
 Mixup from ``timm.data``, losses from ``timm.loss``, ``create_optimizer_v2``, ``create_scheduler_v2``,
 EMA, loss scaling, checkpoint saving, ``summary.csv`` and distributed set-up from ``timm.utils``;
-what the scripts share comes from ``rmt.cli``, ``rmt.data``, ``rmt.evaluate`` and ``rmt.train_utils``.
+what the scripts share comes from ``rmt.tools``.
 
     python scripts/train.py --config configs/rmt_t_in1k.yaml --data-dir /data/imagenet
     torchrun --nproc-per-node 8 scripts/train.py --config configs/rmt_s_in1k.yaml --data-dir /data/imagenet
@@ -50,15 +50,16 @@ from timm.models import clean_state_dict, model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from rmt.cli import (
+from rmt.data import dataset_classes
+from rmt.token_labeling import TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, read_meta
+from rmt.tools.cli import (
     ArgumentParser, ScriptError, add_amp_args, add_model_args, autocast_for, available_device, build_model,
     check_fits, check_num_classes, data_workers, default_device, default_workers, finite_float, model_kwargs_from_args,
     model_name, non_negative_float, non_negative_int, open_split, parse_args_with_config, positive_float, positive_int,
     probability, read_checkpoint, run_main)
-from rmt.data import create_eval_loader, dataset_classes
-from rmt.evaluate import evaluate
-from rmt.token_labeling import TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, read_meta
-from rmt.train_utils import AtomicCheckpointSaver, allow_posterize_to_zero_bits
+from rmt.tools.data import create_eval_loader
+from rmt.tools.evaluate import evaluate
+from rmt.tools.train_utils import AtomicCheckpointSaver, allow_posterize_to_zero_bits
 
 _logger = logging.getLogger('train')
 

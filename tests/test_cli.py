@@ -1,16 +1,20 @@
-"""rmt.cli, what the scripts share: errors as exceptions until ``run_main``, checked values, AMP, Pillow's fix."""
+"""rmt.tools, what the scripts share: errors as exceptions until ``run_main``, checked values, AMP, Pillow's fix;
+and the library's independence of it."""
 import argparse
+import ast
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rmt.cli import (
+import rmt
+from rmt.tools.cli import (
     ArgumentParser, ParseModelKwargs, ScriptError, autocast_for, data_workers, parse_args_with_config, positive_int,
     run_main)
-from rmt.data import open_dataset
-from rmt.train_utils import allow_posterize_to_zero_bits
+from rmt.tools.data import open_dataset
+from rmt.tools.train_utils import allow_posterize_to_zero_bits
 
 
 def test_script_error_is_an_ordinary_exception_of_one_line():
@@ -122,3 +126,23 @@ def test_pillow_is_patched_only_inside_the_block():
     with allow_posterize_to_zero_bits():
         assert ImageOps.posterize(image, 0).getpixel((0, 0)) == (0, 0, 0)
     assert ImageOps.posterize is before
+
+
+def test_the_library_imports_nothing_from_the_command_line_layer():
+    package = Path(rmt.__file__).parent
+    library = [p for p in package.rglob('*.py') if 'tools' not in p.relative_to(package).parts[:1]
+               and p.name != '__main__.py']
+    assert len(library) > 10
+    for path in library:
+        module = '.'.join(('rmt',) + path.relative_to(package).with_suffix('').parts).removesuffix('.__init__')
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = module.rsplit('.', node.level - (path.name == '__init__.py'))[0] if node.level else ''
+                names = [f'{base}.{node.module}' if node.module and base else node.module or base]
+                names += [f'{names[0]}.{alias.name}' for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any(n == 'rmt.tools' or n.startswith('rmt.tools.') for n in names), \
+                f'{path.relative_to(package.parent)} imports {names[0]} (line {node.lineno})'

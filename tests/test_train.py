@@ -8,8 +8,8 @@ import timm
 import torch
 
 import rmt
-from rmt.cli import ScriptError, parse_args_with_config
-from rmt.train_utils import AtomicCheckpointSaver
+from rmt.tools.cli import ScriptError, parse_args_with_config
+from rmt.tools.train_utils import AtomicCheckpointSaver
 from tests.helpers import (
     FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, assert_resumed_like_uninterrupted, digits_folder,
     env, kill_when_written, load_run_checkpoint, load_script, read_summary, script, session_dir, small_kwargs,
@@ -159,7 +159,7 @@ def test_every_config_is_made_of_train_py_flags():
 
 
 def test_a_recipe_run_on_the_cpu_autocasts_nothing_and_uses_no_more_workers_than_cores():
-    from rmt.cli import autocast_for
+    from rmt.tools.cli import autocast_for
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     for name in sorted(os.listdir(REPO / 'configs')):  # "one process (a single GPU, or the CPU)" in the README
         args = parse_args_with_config(train.build_parser(), ['--config', str(REPO / 'configs' / name)])
@@ -190,7 +190,7 @@ def test_default_data_workers_do_not_exceed_the_cores():
 def test_paper_randaugment_policy_survives_its_maximum_magnitude():
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
-    from rmt.train_utils import allow_posterize_to_zero_bits
+    from rmt.tools.train_utils import allow_posterize_to_zero_bits
     augment = rand_augment_transform('rand-n8-m10-mstd0-inc1', {})  # magnitude 10 asks posterize for 0 bits
     image = Image.new('RGB', (16, 16), (200, 120, 40))
     with allow_posterize_to_zero_bits():  # what train.py trains in

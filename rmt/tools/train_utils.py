@@ -1,7 +1,5 @@
-"""What the scripts need beyond the library: files written whole, the training checkpoint saver, a Pillow fix.
+"""What ``scripts/train.py`` needs beyond the library: the training checkpoint saver, a Pillow fix.
 
-* :func:`atomic_write` / :func:`atomic_torch_save`: a file appears whole or not at all (temporary file
-  in the same folder, fsync, rename), used for checkpoints, converted weights and label files.
 * :class:`AtomicCheckpointSaver`: timm's ``CheckpointSaver`` (its history, ranking and file layout),
   with the LR scheduler's state in each checkpoint and every file written whole.
 * :func:`allow_posterize_to_zero_bits`: timm's RandAugment at the paper's magnitude with Pillow >= 13,
@@ -9,60 +7,17 @@
 """
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, BinaryIO, Callable, Dict, Union
+from typing import Any, BinaryIO, Dict
 
 import torch
 
 from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 
-__all__ = ['atomic_write', 'atomic_torch_save', 'atomic_replace', 'AtomicCheckpointSaver',
-           'allow_posterize_to_zero_bits']
+from ..atomic import atomic_replace, atomic_write
 
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows: directories cannot be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_replace(src: str, dst: str) -> None:
-    """Rename ``src`` over ``dst`` durably: ``dst`` is never removed first, and the rename is on disk when
-    this returns (POSIX and Windows rename atomically)."""
-    os.replace(src, dst)
-    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
-
-
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> None:
-    """Write a file with ``write(f)`` so that ``path`` is never partial: temporary file in the same
-    folder, fsync, rename over ``path``. On any error (or interrupt) ``path`` keeps its old contents."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        atomic_replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+__all__ = ['AtomicCheckpointSaver', 'allow_posterize_to_zero_bits']
 
 
 class _RunState:
