@@ -29,21 +29,7 @@ __version__ = '0.1.0'
 _LAZY = ('atomic', 'data', 'export', 'flops', 'mixtoken', 'token_labeling', 'tools')
 
 
-def _set_attn_budget(mask_bytes=None, block_bytes=None):
-    return set_dispatch_thresholds(bias_bytes=mask_bytes, block_bytes=block_bytes)
-
-
-_RENAMED = {'SpatialDecay': ('rmt.RelPos2d', lambda: RelPos2d),
-            'set_attn_budget': ('rmt.set_dispatch_thresholds(bias_bytes=..., block_bytes=...)',
-                                lambda: _set_attn_budget)}
-
-
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f'.{name}', __name__)
-    if name in _RENAMED:  # kept for one release (see the README's changelog)
-        import warnings
-        new, value = _RENAMED[name]
-        warnings.warn(f'rmt.{name} is now {new}', FutureWarning, stacklevel=2)
-        return value()
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
