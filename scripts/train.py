@@ -596,7 +596,7 @@ def train(args, args_text: str) -> None:
         logging.getLogger().addHandler(log_file)
         saver = AtomicCheckpointSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
+            checkpoint_dir=output_dir, decreasing='loss' in args.eval_metric,
             max_history=args.checkpoint_hist, lr_scheduler=lr_scheduler)
         if resume_state is not None:
             saver.load_state_dict(resume_state.get('saver', {}))

@@ -9,7 +9,6 @@ import torch
 
 import rmt
 from rmt.tools.cli import ScriptError, parse_args_with_config
-from rmt.tools.train_utils import AtomicCheckpointSaver
 from tests.helpers import (
     FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, SMOKE_CONFIG, assert_resumed_like_uninterrupted, digits_folder,
     env, kill_when_written, load_run_checkpoint, load_script, read_summary, script, session_dir, small_kwargs,
@@ -58,41 +57,6 @@ def test_killed_run_resumes_to_the_same_final_weights_as_an_uninterrupted_one():
 
     assert [r['epoch'] for r in read_summary(run_dir)] == [0, 1, 2, 3]  # no duplicated or torn rows
     assert_resumed_like_uninterrupted(run_dir, smoke_run(), epoch=3)
-
-
-def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact(tmp_path, monkeypatch):
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=str(tmp_path),
-                                          recovery_dir=str(tmp_path))
-    saver.save_checkpoint(0, metric=1.0)
-    before = load_run_checkpoint(tmp_path / 'last.pth.tar')
-
-    def crash_midway(obj, f, *args, **kwargs):
-        f.write(b'half a checkpoint')
-        raise KeyboardInterrupt  # e.g. the job being killed while writing
-    monkeypatch.setattr(torch, 'save', crash_midway)
-    with torch.no_grad():
-        model.weight.add_(1.)
-    with pytest.raises(KeyboardInterrupt):
-        saver.save_checkpoint(1, metric=2.0)
-
-    after = load_run_checkpoint(tmp_path / 'last.pth.tar')
-    assert after['epoch'] == 0 and torch.equal(after['state_dict']['weight'], before['state_dict']['weight'])
-    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
-
-
-def test_checkpoints_are_whole_copies_where_hard_links_are_not_supported(tmp_path, monkeypatch):
-    def no_links(src, dst):
-        raise OSError('hard links not supported here')
-    monkeypatch.setattr(os, 'link', no_links)
-    model = torch.nn.Linear(2, 2)
-    saver = AtomicCheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                  checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
-    saver.save_checkpoint(0, metric=1.0)
-    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
-    last = (tmp_path / 'last.pth.tar').read_bytes()
-    assert (tmp_path / 'checkpoint-0.pth.tar').read_bytes() == last == (tmp_path / 'model_best.pth.tar').read_bytes()
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):

@@ -1,7 +1,7 @@
-"""What ``scripts/train.py`` needs beyond the library: the training checkpoint saver, a Pillow fix.
+"""What ``scripts/train.py`` needs beyond the library: the checkpoint saver, a Pillow fix.
 
-* :class:`AtomicCheckpointSaver`: timm's ``CheckpointSaver`` (its history, ranking and file layout),
-  with the LR scheduler's state in each checkpoint and every file written whole.
+* :class:`AtomicCheckpointSaver`: timm's checkpoint files (``last``, ``model_best``, the best
+  ``checkpoint-N``) and contents, plus the LR scheduler's state, every file written whole.
 * :func:`allow_posterize_to_zero_bits`: timm's RandAugment at the paper's magnitude with Pillow >= 13,
   for the duration of a ``with`` block.
 """
@@ -9,52 +9,105 @@ import os
 import shutil
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, BinaryIO, Dict
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
-from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
+from timm.utils import get_state_dict, unwrap_model
 
-from ..atomic import atomic_replace, atomic_write
+from ..atomic import atomic_replace, atomic_torch_save, atomic_write
 
 __all__ = ['AtomicCheckpointSaver', 'allow_posterize_to_zero_bits']
 
 
-class _RunState:
-    """timm's ``task`` hook of ``CheckpointSaver``: the weights, the EMA weights and the LR scheduler's state."""
+class AtomicCheckpointSaver:
+    """A training run's checkpoints in ``checkpoint_dir``, in timm's layout, each file whole or absent.
 
-    def __init__(self, model, model_ema=None, lr_scheduler=None):
-        self.model, self.model_ema, self.lr_scheduler = model, model_ema, lr_scheduler
+    :meth:`save_checkpoint` writes ``last.pth.tar`` every epoch, copies it to ``checkpoint-EPOCH.pth.tar``
+    while that epoch ranks among the ``max_history`` best (by ``metric``, lower first with ``decreasing``,
+    ties keep the earlier epoch; epochs without a metric rank after those with one, newest first) and
+    to ``model_best.pth.tar`` when it is the best yet. A checkpoint holds what timm's ``CheckpointSaver``
+    writes (``epoch``, ``arch``, ``state_dict``, ``state_dict_ema``, ``optimizer``, the loss scaler's
+    state, ``args``, ``metric``, ``version``), the LR scheduler's state (``lr_scheduler``) and this
+    saver's ranking (``saver``, for :meth:`load_state_dict` on resume).
 
-    def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> Dict[str, Any]:
-        if ema:
-            return {} if self.model_ema is None else {'state_dict_ema': get_state_dict(self.model_ema, unwrap_fn)}
-        state = {'state_dict': get_state_dict(self.model, unwrap_fn)}
-        if self.lr_scheduler is not None:
-            state['lr_scheduler'] = self.lr_scheduler.state_dict()
-        return state
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's ``CheckpointSaver`` with the LR scheduler's state in each checkpoint and crash-safe files.
-
-    The checkpoint's contents are timm's (``task`` adds the scheduler). Only its three file operations are
-    wrapped: timm writes ``tmp`` without fsync and unlinks ``last`` before renaming ``tmp`` over it, so a
-    kill between the two leaves no ``last``; here every file appears whole or not at all, and ``last``
-    always exists once written.
+    timm's saver writes without fsync and removes ``last`` before renaming the new one over it, so a
+    kill in between leaves none; here a write goes through :func:`rmt.atomic.atomic_write`, and the
+    copies are hard links where the filesystem has them.
     """
 
-    def __init__(self, *args, lr_scheduler=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.task = _RunState(self.model, self.model_ema, lr_scheduler)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, args=None, model_ema=None,
+                 amp_scaler=None, lr_scheduler=None, checkpoint_dir: str = '', decreasing: bool = False,
+                 max_history: int = 10):
+        if max_history < 1:
+            raise ValueError(f'max_history must be at least 1, got {max_history}')
+        self.model, self.optimizer, self.args = model, optimizer, args
+        self.model_ema, self.amp_scaler, self.lr_scheduler = model_ema, amp_scaler, lr_scheduler
+        self.checkpoint_dir, self.decreasing, self.max_history = checkpoint_dir, decreasing, max_history
+        self.history: List[Tuple[int, Optional[float]]] = []  # kept (epoch, metric), best first
+        self.best_epoch: Optional[int] = None
+        self.best_metric: Optional[float] = None
 
-    def _save(self, save_path, epoch, metric=None):
-        atomic_write(save_path, lambda f: super(AtomicCheckpointSaver, self)._save(f, epoch, metric))
+    def save_checkpoint(self, epoch: int, metric: Optional[float] = None) -> Tuple[Optional[float], Optional[int]]:
+        """Save the run's state at the end of ``epoch``; returns the best (metric, epoch) so far (None before one)."""
+        ranked = sorted([h for h in self.history if h[0] != epoch and h[1] is not None] +
+                        ([(epoch, metric)] if metric is not None else []),
+                        key=lambda h: h[1], reverse=not self.decreasing)
+        unranked = sorted([h for h in self.history if h[0] != epoch and h[1] is None] +
+                          ([(epoch, None)] if metric is None else []), key=lambda h: -h[0])
+        history = ranked + unranked
+        self.history, dropped = history[:self.max_history], history[self.max_history:]
+        is_best = metric is not None and (self.best_metric is None or self._better(metric, self.best_metric))
+        if is_best:
+            self.best_metric, self.best_epoch = metric, epoch
 
-    def _replace(self, src, dst):
-        atomic_replace(src, dst)
+        last = self._path('last')
+        atomic_torch_save(self._state(epoch, metric), last)
+        if any(e == epoch for e, _ in self.history):
+            self._duplicate(last, self._path(f'checkpoint-{epoch}'))
+        if is_best:
+            self._duplicate(last, self._path('model_best'))
+        for e, _ in dropped:
+            if e != epoch and os.path.exists(self._path(f'checkpoint-{e}')):
+                os.remove(self._path(f'checkpoint-{e}'))
+        return self.best_metric, self.best_epoch
 
-    def _duplicate(self, src, dst):
+    def state_dict(self) -> Dict[str, Any]:
+        """The ranking: kept epochs with their metrics, and the best."""
+        return dict(history=[list(h) for h in self.history], best_epoch=self.best_epoch, best_metric=self.best_metric)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue the ranking of a checkpoint's ``saver`` state (epochs whose file is gone are dropped)."""
+        self.history = [(int(e), m) for e, m in state.get('history', [])
+                        if os.path.exists(self._path(f'checkpoint-{e}'))]
+        self.best_epoch, self.best_metric = state.get('best_epoch'), state.get('best_metric')
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.decreasing else a > b
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.checkpoint_dir, name + '.pth.tar')
+
+    def _state(self, epoch: int, metric: Optional[float]) -> Dict[str, Any]:
+        state = {'epoch': epoch, 'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
+                 'state_dict': get_state_dict(self.model, unwrap_model), 'optimizer': self.optimizer.state_dict(),
+                 'version': 2}  # timm's: the saved epoch is complete
+        if self.args is not None:
+            state['args'] = self.args
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if self.model_ema is not None:
+            state['state_dict_ema'] = get_state_dict(self.model_ema, unwrap_model)
+        if self.lr_scheduler is not None:
+            state['lr_scheduler'] = self.lr_scheduler.state_dict()
+        if metric is not None:
+            state['metric'] = metric
+        state['saver'] = self.state_dict()
+        return state
+
+    @staticmethod
+    def _duplicate(src: str, dst: str) -> None:
         tmp = dst + '.tmp'
         try:
             if os.path.exists(tmp):
