@@ -1,13 +1,17 @@
-"""rmt.tools, what the scripts share: errors as exceptions until ``run_main``, checked values, AMP, Pillow's fix;
-and the library's independence of it."""
+"""rmt.tools, what the scripts share: errors as exceptions until ``run_main``, checked values, AMP, datasets,
+Pillow's fix; and the library's independence of it."""
 import argparse
 import ast
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 import pytest
 import torch
+from PIL import Image
 
 import rmt
 from rmt.tools.cli import (
@@ -126,6 +130,23 @@ def test_pillow_is_patched_only_inside_the_block():
     with allow_posterize_to_zero_bits():
         assert ImageOps.posterize(image, 0).getpixel((0, 0)) == (0, 0, 0)
     assert ImageOps.posterize is before
+
+
+def test_a_skipped_truncated_image_is_named_in_the_warning(tmp_path, caplog):
+    folder = tmp_path / 'train' / 'digit0'
+    folder.mkdir(parents=True)
+    pixels = np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / 'a_whole.jpg')
+    (folder / 'b_truncated.jpg').write_bytes((folder / 'a_whole.jpg').read_bytes()[:600])
+    Image.fromarray(pixels).save(folder / 'c_whole.jpg')
+    dataset = open_dataset(SimpleNamespace(dataset='', data_dir=str(tmp_path), batch_size=2), 'train', True)
+    assert dataset.filename(1, basename=True) == 'b_truncated.jpg'
+    with caplog.at_level(logging.WARNING):
+        image, target = dataset[1]
+    assert image.size == (64, 64) and target == 0  # the next image in its place, as timm does
+    assert len(caplog.records) == 1
+    assert str(folder / 'b_truncated.jpg') in caplog.records[0].getMessage()
+    assert 'truncated' in caplog.records[0].getMessage().lower()
 
 
 def test_the_library_imports_nothing_from_the_command_line_layer():

@@ -6,7 +6,9 @@ flag and the folder; the scripts turn them into their one-line errors (:func:`rm
 """
 import os
 
-from timm.data import create_dataset, create_loader
+from timm.data import ImageDataset as TimmImageDataset, create_dataset, create_loader
+
+from ..data import ImageDataset
 
 __all__ = ['open_dataset', 'create_eval_loader']
 
@@ -15,7 +17,8 @@ _SPLIT_SYNONYMS = (('train', 'training'), ('validation', 'val', 'valid', 'eval',
 
 def open_dataset(args, split: str, is_training: bool, class_map: str = '', require_split: bool = True):
     """``timm.data.create_dataset`` for ``args.dataset`` at ``args.data_dir``, with a clear message for a
-    missing or empty data folder.
+    missing or empty data folder; an image folder comes as :class:`rmt.data.ImageDataset` (a skipped
+    image's warning names the file).
 
     For an image folder, ``require_split`` insists on a ``DIR/<split>`` folder (or a synonym such as
     ``val``) rather than silently reading all of ``DIR``, which would mix the splits. Raises
@@ -37,13 +40,14 @@ def open_dataset(args, split: str, is_training: bool, class_map: str = '', requi
             raise ValueError(f'--data-dir {args.data_dir} has no "{split}" split: expected a sub-folder named '
                              f'{" or ".join(names)}')
     try:
-        return create_dataset(
+        dataset = create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=class_map,
             download=getattr(args, 'dataset_download', False), batch_size=args.batch_size,
             seed=getattr(args, 'seed', 42))
     except Exception as e:  # timm raises a mix of types; all mean "cannot read this data"
         raise ValueError(f'cannot open the "{split}" split of {args.dataset or "the image folder"} at '
                          f'{args.data_dir}: {type(e).__name__}: {e}') from e
+    return ImageDataset.of(dataset) if type(dataset) is TimmImageDataset else dataset
 
 
 def create_eval_loader(dataset, data_config, batch_size, workers, device, distributed=False, prefetcher=False):
