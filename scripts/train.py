@@ -39,7 +39,6 @@ from functools import partial
 import torch
 import torch.nn as nn
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 from timm import utils
@@ -59,7 +58,7 @@ from rmt.tools.cli import (
     probability, read_checkpoint, run_main)
 from rmt.tools.data import create_eval_loader
 from rmt.tools.evaluate import evaluate
-from rmt.tools.train_utils import AtomicCheckpointSaver, allow_posterize_to_zero_bits
+from rmt.tools.train_utils import AtomicCheckpointSaver, allow_posterize_to_zero_bits, distributed_data_parallel
 
 _logger = logging.getLogger('train')
 
@@ -508,7 +507,7 @@ def train(args, args_text: str) -> None:
                 _logger.warning(f'{args.resume} has no EMA weights: the EMA restarts from the resumed weights')
 
     if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+        model = distributed_data_parallel(model, device)
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
 

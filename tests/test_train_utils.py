@@ -1,11 +1,14 @@
-"""rmt.tools.train_utils: the training checkpoint saver (files, ranking, crash safety)."""
+"""rmt.tools.train_utils: the training checkpoint saver (files, ranking, crash safety) and DDP's gradient layout."""
 import os
+import subprocess
+import sys
 
 import pytest
+import timm
 import torch
 
 from rmt.tools.train_utils import AtomicCheckpointSaver
-from tests.helpers import load_run_checkpoint
+from tests.helpers import PATIENCE, REPO, env, load_run_checkpoint
 
 
 def saver_of(folder, max_history=10, decreasing=False, **kwargs) -> AtomicCheckpointSaver:
@@ -83,3 +86,35 @@ def test_checkpoints_are_whole_copies_where_hard_links_are_not_supported(tmp_pat
     last = (tmp_path / 'last.pth.tar').read_bytes()
     assert (tmp_path / 'checkpoint-0.pth.tar').read_bytes() == last == (tmp_path / 'model_best.pth.tar').read_bytes()
 
+
+DDP_STEP = '''
+import torch, torch.distributed as dist, timm
+import rmt
+from rmt.tools.train_utils import distributed_data_parallel
+
+dist.init_process_group('gloo')
+torch.manual_seed(0)
+model = timm.create_model('rmt_t', num_classes=10, embed_dims=(16, 24, 32, 48), depths=(1, 1, 1, 1),
+                          num_heads=(1, 1, 2, 2), projection=64)
+ddp = distributed_data_parallel(model, torch.device('cpu'))
+torch.manual_seed(1 + dist.get_rank())  # each process its own batch
+ddp(torch.randn(2, 3, 32, 32)).logsumexp(-1).mean().backward()
+grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+both = [torch.empty_like(grads) for _ in range(2)]
+dist.all_gather(both, grads)
+assert torch.equal(both[0], both[1])  # averaged over the two batches
+assert all(p.grad.stride() == p.stride() for p in model.parameters())
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_a_ddp_step_hands_depthwise_gradients_over_without_the_stride_warning(tmp_path):
+    model = timm.create_model('rmt_t', depths=(1, 1, 1, 1))
+    assert any(p.dim() == 4 and p.shape[1] == 1 for p in model.parameters())  # depthwise kernels, (C, 1, k, k)
+    (tmp_path / 'ddp_step.py').write_text(DDP_STEP)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2',
+                           str(tmp_path / 'ddp_step.py')], capture_output=True, text=True, timeout=PATIENCE,
+                          env=dict(env(), PYTHONPATH=str(REPO)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Grad strides do not match bucket view strides' not in proc.stderr

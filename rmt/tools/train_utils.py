@@ -1,7 +1,9 @@
-"""What ``scripts/train.py`` needs beyond the library: the checkpoint saver, a Pillow fix.
+"""What ``scripts/train.py`` needs beyond the library: the checkpoint saver, DDP set-up, a Pillow fix.
 
 * :class:`AtomicCheckpointSaver`: timm's checkpoint files (``last``, ``model_best``, the best
   ``checkpoint-N``) and contents, plus the LR scheduler's state, every file written whole.
+* :func:`distributed_data_parallel`: the model in ``DistributedDataParallel``, gradients in its
+  parameters' layout.
 * :func:`allow_posterize_to_zero_bits`: timm's RandAugment at the paper's magnitude with Pillow >= 13,
   for the duration of a ``with`` block.
 """
@@ -13,12 +15,13 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from timm.utils import get_state_dict, unwrap_model
 
 from ..atomic import atomic_replace, atomic_torch_save, atomic_write
 
-__all__ = ['AtomicCheckpointSaver', 'allow_posterize_to_zero_bits']
+__all__ = ['AtomicCheckpointSaver', 'distributed_data_parallel', 'allow_posterize_to_zero_bits']
 
 
 class AtomicCheckpointSaver:
@@ -122,6 +125,30 @@ class AtomicCheckpointSaver:
 def _copy_into(src: str, f: BinaryIO) -> None:
     with open(src, 'rb') as source:
         shutil.copyfileobj(source, f)
+
+
+def distributed_data_parallel(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` in ``DistributedDataParallel``, each gradient handed to DDP in its parameter's layout.
+
+    A depthwise kernel's weight (C, 1, k, k), strides (k*k, k*k, k, 1), gets from the convolution of
+    channels-last features (as RMT's blocks run it) a gradient with strides (k*k, 1, k, 1): the same
+    memory order (a size-1 dimension is never stepped along), but DDP compares strides and warned
+    "Grad strides do not match bucket view strides" on every run. Such a gradient is viewed with its
+    parameter's strides (no copy) before DDP reads it.
+    """
+    for p in model.parameters():
+        if p.requires_grad and 1 in p.shape:
+            p.register_hook(partial(_in_layout_of, p.stride()))
+    return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+
+
+def _in_layout_of(stride: Tuple[int, ...], grad: torch.Tensor) -> Optional[torch.Tensor]:
+    """``grad`` viewed with ``stride`` when the two differ only on size-1 dimensions, else None (unchanged)."""
+    if grad.layout != torch.strided or grad.stride() == stride:
+        return None
+    if any(n != 1 and s != t for n, s, t in zip(grad.shape, grad.stride(), stride)):
+        return None
+    return grad.as_strided(grad.shape, stride)
 
 
 @contextmanager
