@@ -244,6 +244,22 @@ def restore_scheduler(lr_scheduler, saved: dict) -> None:
         lr_scheduler.load_state_dict(saved)
 
 
+def mixup_active(args) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def check_mixup_batch(args) -> None:
+    """timm's Mixup and CutMix mix each image with its mirror in the batch (i with B-1-i) and refuse a batch of odd
+    size at the first step; refuse an odd ``--batch-size`` (per process) at start instead. The training loader
+    drops the last partial batch of an epoch (and each process's, after the distributed sampler's padding), so
+    every batch is ``--batch-size``."""
+    if mixup_active(args) and args.batch_size % 2:
+        even = ' or '.join(str(n) for n in (args.batch_size - 1, args.batch_size + 1) if n > 0)
+        raise ScriptError(f'--batch-size {args.batch_size}: mixup and CutMix (--mixup {args.mixup}, --cutmix '
+                          f'{args.cutmix}) pair the images of a batch and need an even batch size per process; use '
+                          f'-b {even}, or turn them off with --mixup 0 --cutmix 0')
+
+
 def setup_token_label_args(args) -> None:
     """Check the token-labeling flags, and record in ``args`` what ``--token-label`` implies (the aux head;
     mixup and CutMix off, as the release has them), so the run's args.yaml and checkpoints say it."""
@@ -404,6 +420,7 @@ def main(argv=None):
     # the run's args.yaml and checkpoints name every model kwarg, with no reference to another file
     args.model_kwargs, args.official_config = model_kwargs_from_args(args), ''
     setup_token_label_args(args)
+    check_mixup_batch(args)
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
     with allow_posterize_to_zero_bits():  # the paper's RandAugment policy with Pillow >= 13
         train(args, args_text)
@@ -512,8 +529,7 @@ def train(args, args_text: str) -> None:
         model = torch.compile(model, backend=args.torchcompile)
 
     collate_fn = mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None  # never with --token-label
-    if mixup_active:
+    if mixup_active(args):  # never with --token-label
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                           label_smoothing=args.smoothing, num_classes=args.num_classes)
@@ -553,7 +569,7 @@ def train(args, args_text: str) -> None:
                                            release_boxes=not args.token_label_corrected_boxes)
         except ValueError as e:
             raise ScriptError(f'--cls-weight/--dense-weight: {e}') from None
-    elif mixup_active:
+    elif mixup_active(args):
         train_loss_fn = BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
     elif args.smoothing:
         train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing) if args.bce_loss \

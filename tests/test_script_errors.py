@@ -78,6 +78,8 @@ CASES = [
          'bfloat16'),
     case('train', ['--data-dir', '{w}/tiny', '-b', '64'], '--batch-size 64', 'has 16 images, fewer than one batch',
          'at most 16'),
+    case('train', ['--data-dir', '{digits}', '-b', '63'], '--batch-size 63: mixup and CutMix',
+         'need an even batch size per process', '-b 62 or 64'),
     case('train', ['--data-dir', '{digits}', '--resume', '{w}/nope.pth.tar'], '--resume', 'nope.pth.tar: no such file'),
     case('train', ['--data-dir', '{digits}', '--resume', '{w}/text.pth'], '--resume', 'text.pth',
          'not a PyTorch checkpoint'),

@@ -34,6 +34,13 @@ def test_training_logs_progress_and_a_final_summary_line():
     assert 'Done: rmt_t, 4 epochs in' in log and 'best top1' in log
 
 
+def test_the_odd_last_batch_of_an_epoch_is_dropped_so_mixup_trains_on_even_batches():
+    args = parse_args_with_config(train.build_parser(), ['--config', str(SMOKE_CONFIG)])
+    assert args.mixup > 0 and 1437 % args.batch_size == 29  # the recipe's 1,437 images leave an odd last batch
+    with open(os.path.join(smoke_run(), 'log.txt')) as f:
+        assert f'{1437 // args.batch_size} updates each' in f.read()
+
+
 def test_checkpoint_holds_everything_needed_to_resume():
     state = load_run_checkpoint(os.path.join(smoke_run(), 'last.pth.tar'))
     assert state['epoch'] == 3
