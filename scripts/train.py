@@ -232,14 +232,36 @@ def prune_summary(path: str, start_epoch: int) -> None:
     os.replace(tmp, path)
 
 
+# optimizer settings that come from this run's arguments, never from a resumed checkpoint
+OPTIMIZER_SETTINGS = ('lr', 'lr_scale', 'weight_decay', 'momentum', 'betas', 'eps')
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """Resume the optimizer's state (moments, step counts) under this run's settings.
+
+    ``optimizer.load_state_dict`` also brings back the checkpoint's param-group settings, among them
+    ``initial_lr``, the base the LR scheduler is built on: a resume with a new ``--lr`` kept the old
+    schedule while args.yaml recorded the new one. The settings the arguments give
+    (:data:`OPTIMIZER_SETTINGS`: ``--lr``, ``--layer-decay``, ``--weight-decay``, ``--momentum``,
+    ``--opt-betas``, ``--opt-eps``) are kept from the optimizer this run built, and ``initial_lr`` is
+    dropped so that the scheduler takes this run's ``--lr``.
+    """
+    settings = [{k: group[k] for k in OPTIMIZER_SETTINGS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.pop('initial_lr', None)
+        group.update(own)
+
+
 def restore_scheduler(lr_scheduler, saved: dict) -> None:
-    """Restore the scheduler's saved state, unless the schedule's arguments changed (e.g. more --epochs)."""
+    """Restore the scheduler's saved state, unless the schedule changed (a new --lr, --epochs, --sched, ...):
+    then the scheduler built from this run's arguments stays, as args.yaml records them."""
     fresh = lr_scheduler.state_dict()
     changed = sorted(k for k in fresh if k in saved and k not in ('best', 'last_epoch', 'metric')
                      and fresh[k] != saved[k])
     if changed:
-        _logger.warning(f'LR schedule arguments changed since the checkpoint ({", ".join(changed)}): '
-                        f'following the new ones')
+        _logger.warning(f'The LR schedule differs from the checkpoint\'s ({", ".join(changed)}): following this run\'s '
+                        f'arguments')
     else:
         lr_scheduler.load_state_dict(saved)
 
@@ -506,7 +528,7 @@ def train(args, args_text: str) -> None:
         model.load_state_dict(weights)
         if not args.no_resume_opt:
             try:
-                optimizer.load_state_dict(resume_state['optimizer'])
+                load_optimizer_state(optimizer, resume_state['optimizer'])
             except (KeyError, ValueError) as e:
                 raise ScriptError(f'--resume {args.resume}: its optimizer state does not fit --opt {args.opt} with '
                                   f'these arguments ({e}); add --no-resume-opt to start the optimizer afresh') from None

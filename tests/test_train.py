@@ -41,6 +41,27 @@ def test_the_odd_last_batch_of_an_epoch_is_dropped_so_mixup_trains_on_even_batch
         assert f'{1437 // args.batch_size} updates each' in f.read()
 
 
+def test_a_resume_with_a_new_learning_rate_follows_the_schedule_args_yaml_records(tmp_path):
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    data = write_digits_folder(str(tmp_path / 'digits'), limit=300)  # 240 training images: 7 batches of 32
+    common = ['--config', SMOKE_CONFIG, '--data-dir', data, '--device', 'cpu', '--output', tmp_path,
+              '--experiment', 'run', '-b', '32', '--val-split', '']
+    script('train', *common, '--lr', '3e-3', '--epochs', '2')
+    run_dir = tmp_path / 'run'
+    script('train', *common, '--lr', '1e-2', '--epochs', '4', '--resume', run_dir / 'last.pth.tar')
+
+    recorded = parse_args_with_config(train.build_parser(), ['--config', str(run_dir / 'args.yaml')])
+    assert recorded.lr == 1e-2 and recorded.epochs == 4
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recorded.lr)
+    scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(recorded), updates_per_epoch=7)
+    expected = []
+    for epoch in (2, 3):
+        scheduler.step(epoch)
+        expected.append(optimizer.param_groups[0]['lr'])
+    logged = [row['lr'] for row in read_summary(run_dir)]
+    assert logged[2:] == pytest.approx(expected, rel=1e-6)  # 0.005, 0.00146 (--lr 3e-3 would give 0.0015, 0.00044)
+
+
 def test_checkpoint_holds_everything_needed_to_resume():
     state = load_run_checkpoint(os.path.join(smoke_run(), 'last.pth.tar'))
     assert state['epoch'] == 3
