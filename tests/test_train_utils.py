@@ -75,6 +75,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_last_checkpoint_intact
     after = load_run_checkpoint(tmp_path / 'last.pth.tar')
     assert after['epoch'] == 0 and torch.equal(after['state_dict']['weight'], before['state_dict']['weight'])
     assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    assert saver.state_dict() == dict(history=[[0, 1.0]], best_epoch=0, best_metric=1.0)  # as the files have it
 
 
 def test_checkpoints_are_whole_copies_where_hard_links_are_not_supported(tmp_path, monkeypatch):

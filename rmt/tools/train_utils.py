@@ -60,14 +60,14 @@ class AtomicCheckpointSaver:
         unranked = sorted([h for h in self.history if h[0] != epoch and h[1] is None] +
                           ([(epoch, None)] if metric is None else []), key=lambda h: -h[0])
         history = ranked + unranked
-        self.history, dropped = history[:self.max_history], history[self.max_history:]
+        kept, dropped = history[:self.max_history], history[self.max_history:]
         is_best = metric is not None and (self.best_metric is None or self._better(metric, self.best_metric))
-        if is_best:
-            self.best_metric, self.best_epoch = metric, epoch
+        best = (metric, epoch) if is_best else (self.best_metric, self.best_epoch)
 
         last = self._path('last')
-        atomic_torch_save(self._state(epoch, metric), last)
-        if any(e == epoch for e, _ in self.history):
+        atomic_torch_save(self._state(epoch, metric, _ranking(kept, *best)), last)
+        self.history, (self.best_metric, self.best_epoch) = kept, best  # once `last` holds them
+        if any(e == epoch for e, _ in kept):
             self._duplicate(last, self._path(f'checkpoint-{epoch}'))
         if is_best:
             self._duplicate(last, self._path('model_best'))
@@ -78,7 +78,7 @@ class AtomicCheckpointSaver:
 
     def state_dict(self) -> Dict[str, Any]:
         """The ranking: kept epochs with their metrics, and the best."""
-        return dict(history=[list(h) for h in self.history], best_epoch=self.best_epoch, best_metric=self.best_metric)
+        return _ranking(self.history, self.best_metric, self.best_epoch)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue the ranking of a checkpoint's ``saver`` state (epochs whose file is gone are dropped)."""
@@ -92,7 +92,7 @@ class AtomicCheckpointSaver:
     def _path(self, name: str) -> str:
         return os.path.join(self.checkpoint_dir, name + '.pth.tar')
 
-    def _state(self, epoch: int, metric: Optional[float]) -> Dict[str, Any]:
+    def _state(self, epoch: int, metric: Optional[float], ranking: Dict[str, Any]) -> Dict[str, Any]:
         state = {'epoch': epoch, 'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
                  'state_dict': get_state_dict(self.model, unwrap_model), 'optimizer': self.optimizer.state_dict(),
                  'version': 2}  # timm's: the saved epoch is complete
@@ -106,7 +106,7 @@ class AtomicCheckpointSaver:
             state['lr_scheduler'] = self.lr_scheduler.state_dict()
         if metric is not None:
             state['metric'] = metric
-        state['saver'] = self.state_dict()
+        state['saver'] = ranking
         return state
 
     @staticmethod
@@ -120,6 +120,10 @@ class AtomicCheckpointSaver:
             atomic_write(dst, partial(_copy_into, src))
             return
         atomic_replace(tmp, dst)
+
+
+def _ranking(history, best_metric, best_epoch) -> Dict[str, Any]:
+    return dict(history=[list(h) for h in history], best_epoch=best_epoch, best_metric=best_metric)
 
 
 def _copy_into(src: str, f: BinaryIO) -> None:
