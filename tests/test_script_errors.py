@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import rmt.__main__
-from rmt.tools.cli import run_main
 from tests.helpers import (
     SCRIPTS, SMALL_CHECKPOINT, SMOKE_CONFIG, digits_folder, load_script, one_line_error, run_side_by_side,
     write_digits_folder)
