@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
-from .cli import ArgumentParser, ScriptError, add_model_args, build_model, model_name, positive_int, run_main
+from .tools.cli import ArgumentParser, ScriptError, add_model_args, build_model, model_name, positive_int, run_main
 
 
 def demo_image(size: int = 256) -> Image.Image:

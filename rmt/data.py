@@ -1,49 +1,16 @@
-"""Datasets for the scripts: opening them with clear errors, their class lists, and the evaluation loader.
+"""Datasets: the class list of a dataset, and timm's image dataset with its skipped files named.
 
-Errors are ordinary exceptions (``FileNotFoundError``, ``ValueError``) with a message that names the
-folder; the scripts turn them into their one-line errors (:mod:`rmt.cli`).
+The command-line layer opens datasets from the scripts' flags (:mod:`rmt.tools.data`).
 """
-import os
+import logging
 from typing import Optional
 
-from timm.data import create_dataset, create_loader
+import timm.data
+from PIL import Image
 
-__all__ = ['open_dataset', 'dataset_classes', 'create_eval_loader']
+__all__ = ['dataset_classes', 'ImageDataset']
 
-_SPLIT_SYNONYMS = (('train', 'training'), ('validation', 'val', 'valid', 'eval', 'evaluation'))
-
-
-def open_dataset(args, split: str, is_training: bool, class_map: str = '', require_split: bool = True):
-    """``timm.data.create_dataset`` for ``args.dataset`` at ``args.data_dir``, with a clear message for a
-    missing or empty data folder.
-
-    For an image folder, ``require_split`` insists on a ``DIR/<split>`` folder (or a synonym such as
-    ``val``) rather than silently reading all of ``DIR``, which would mix the splits. Raises
-    ``FileNotFoundError`` for a missing folder and ``ValueError`` for one that cannot be read as the split.
-    """
-    folder_dataset = not args.dataset or args.dataset.lower() in ('folder', 'imagefolder', 'image_folder')
-    if not args.data_dir:
-        if folder_dataset:
-            raise ValueError('--data-dir is required: a folder with train/ and validation/ (or val/) '
-                             'sub-folders of class folders of images')
-    elif folder_dataset and not os.path.exists(args.data_dir):
-        raise FileNotFoundError(f'--data-dir {args.data_dir} does not exist')
-    elif folder_dataset and not os.path.isdir(args.data_dir):
-        raise NotADirectoryError(f'--data-dir {args.data_dir} is a file: expected a folder of class folders of '
-                                 f'images')
-    elif folder_dataset and require_split:
-        names = next((s for s in _SPLIT_SYNONYMS if split in s), (split,))
-        if not any(os.path.isdir(os.path.join(args.data_dir, n)) for n in names):
-            raise ValueError(f'--data-dir {args.data_dir} has no "{split}" split: expected a sub-folder named '
-                             f'{" or ".join(names)}')
-    try:
-        return create_dataset(
-            args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=class_map,
-            download=getattr(args, 'dataset_download', False), batch_size=args.batch_size,
-            seed=getattr(args, 'seed', 42))
-    except Exception as e:  # timm raises a mix of types; all mean "cannot read this data"
-        raise ValueError(f'cannot open the "{split}" split of {args.dataset or "the image folder"} at '
-                         f'{args.data_dir}: {type(e).__name__}: {e}') from e
+_logger = logging.getLogger(__name__)
 
 
 def dataset_classes(dataset) -> Optional[list]:
@@ -58,9 +25,44 @@ def dataset_classes(dataset) -> Optional[list]:
     return None
 
 
-def create_eval_loader(dataset, data_config, batch_size, workers, device, distributed=False, prefetcher=False):
-    return create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
-        use_prefetcher=prefetcher, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=workers, distributed=distributed, crop_pct=data_config['crop_pct'],
-        device=device, persistent_workers=False)
+class ImageDataset(timm.data.ImageDataset):
+    """timm's ``ImageDataset`` (an image folder or tar file) whose warning for a skipped image names its file.
+
+    As in timm, an image that cannot be opened or decoded (a truncated JPEG, a corrupt or unreadable
+    file) is skipped with a warning and the next one is read in its place, at most
+    ``TIMM_DATASET_MAX_RETRIES`` (10) in a row, then ``RuntimeError``. timm's warning names only the
+    sample's index ("Skipped sample (index 1234)"); this one names the file, so it can be found and
+    replaced.
+    """
+
+    @classmethod
+    def of(cls, dataset: timm.data.ImageDataset) -> 'ImageDataset':
+        """``dataset`` (from ``timm.data.create_dataset``) as this class: the same reader, transforms and settings."""
+        named = cls.__new__(cls)
+        named.__dict__.update(vars(dataset))
+        return named
+
+    def __getitem__(self, index: int):
+        for _ in range(self._max_retries):
+            try:
+                source, target, *features = self.reader[index]
+                if self.load_bytes:
+                    image = source.read()
+                else:
+                    image = Image.open(source)
+                    if self.input_img_mode:
+                        image = image.convert(self.input_img_mode)  # decodes the pixels: a truncated file fails here
+                break
+            except OSError as e:
+                failed = self.filename(index, absolute=True)
+                _logger.warning(f'Skipped image {failed} (sample {index}): {e}')
+                index = (index + 1) % len(self.reader)
+        else:
+            raise RuntimeError(f'{self._max_retries} images in a row could not be read, the last {failed}')
+        if self.transform is not None:
+            image = self.transform(image)
+        if target is None:
+            target = -1
+        elif self.target_transform is not None:
+            target = self.target_transform(target)
+        return (image, target) if self.additional_features is None else (image, target, *features)

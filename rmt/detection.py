@@ -21,7 +21,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 import timm
 
 from .checkpoint import load_checkpoint_file, state_dict_from_checkpoint
-from .train_utils import atomic_torch_save
+from .atomic import atomic_torch_save
 
 __all__ = ['RMTWithFPN', 'backbone_with_fpn', 'save_for_timm_backbone']
 

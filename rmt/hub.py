@@ -33,7 +33,7 @@ from timm.data import ImageNetInfo
 from .checkpoint import model_metadata
 from .flops import count_flops
 from .model import MODEL_ARGS, RMT
-from .train_utils import atomic_replace, atomic_write
+from .atomic import atomic_replace, atomic_write
 
 __all__ = ['HUB_FILES', 'PAPER_TOP1', 'write_hub_folder', 'model_card', 'file_sha256']
 

@@ -152,7 +152,6 @@ class RMT(nn.Module):
             and :meth:`set_frozen_stages` set them (here for configs that can only pass arguments, such as
             mmdet's through mmpretrain's ``TIMMBackbone``).
         device, dtype: where and in which dtype to create the parameters.
-        init_values: the former name of ``decay_exponents``, still accepted with a warning.
     """
 
     def __init__(
@@ -180,13 +179,8 @@ class RMT(nn.Module):
             norm_eval: bool = False,
             device: Optional[Union[str, torch.device]] = None,
             dtype: Optional[torch.dtype] = None,
-            init_values: Optional[Sequence[float]] = None,
     ):
         super().__init__()
-        if init_values is not None:
-            warnings.warn("RMT's 'init_values' is now 'decay_exponents' (in timm, init_values is LayerScale's "
-                          "initial value); the old name will be removed", FutureWarning, stacklevel=2)
-            decay_exponents = init_values
         num_stages = len(depths)
         for name, value in (('embed_dims', embed_dims), ('num_heads', num_heads), ('decay_exponents', decay_exponents),
                             ('heads_ranges', heads_ranges), ('mlp_ratios', mlp_ratios),

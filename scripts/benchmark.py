@@ -39,7 +39,7 @@ import torch
 import timm
 
 import rmt
-from rmt.cli import (
+from rmt.tools.cli import (
     ArgumentParser, available_device, default_device, model_name, non_negative_int, positive_int, run_main)
 
 

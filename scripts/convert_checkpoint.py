@@ -30,12 +30,12 @@ from timm import utils
 from timm.models import create_model
 
 from rmt import RMT
+from rmt.atomic import atomic_write
 from rmt.checkpoint import checkpoint_filter_fn, has_ema, model_metadata, state_dict_from_checkpoint, weights_key
-from rmt.cli import (
+from rmt.tools.cli import (
     ArgumentParser, ScriptError, add_model_args, describe_weights, model_kwargs_from_args, model_name, positive_int,
     read_checkpoint, require_model, run_main, saved_settings)
 from rmt.hub import write_hub_folder
-from rmt.train_utils import atomic_write
 
 _logger = logging.getLogger('convert')
 DATA_SETTINGS = ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')  # a run's, for the Hub cfg

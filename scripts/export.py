@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from rmt.cli import (
+from rmt.tools.cli import (
     ArgumentParser, ScriptError, add_model_args, build_model, model_name, non_negative_float, non_negative_int,
     positive_int, run_main)
 from rmt.export import (

@@ -18,7 +18,7 @@ import warnings
 import timm
 
 import rmt
-from rmt.cli import ArgumentParser, ScriptError, model_name, non_negative_int, positive_int, run_main
+from rmt.tools.cli import ArgumentParser, ScriptError, model_name, non_negative_int, positive_int, run_main
 from rmt.flops import count_flops
 
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)

@@ -32,7 +32,7 @@ PEERS = 'rmt_s,swin_tiny_patch4_window7_224,swin_base_patch4_window7_224'
 
 
 def parse_args(argv=None):
-    from rmt.cli import ArgumentParser, positive_float
+    from rmt.tools.cli import ArgumentParser, positive_float
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--out', default='gpu_report.md', help='the report (Markdown)')
     p.add_argument('--budget', type=positive_float, default=470, help='seconds for all steps together')
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         parity(args)
         return 0
     import torch
-    from rmt.cli import ScriptError
+    from rmt.tools.cli import ScriptError
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ScriptError('no CUDA device here: run this on the GPU machine, or pass --smoke --device cpu to check the command')
     plan = steps(args)
@@ -177,5 +177,5 @@ def _triton_version() -> str:
 
 
 if __name__ == '__main__':
-    from rmt.cli import run_main
+    from rmt.tools.cli import run_main
     sys.exit(run_main(main))

@@ -9,7 +9,7 @@ the scikit-learn wheel, so nothing is downloaded. The tests write their image se
 """
 import os
 
-from rmt.cli import ArgumentParser, ScriptError, positive_int, run_main
+from rmt.tools.cli import ArgumentParser, ScriptError, positive_int, run_main
 
 
 def write_digits_folder(root: str, classes=range(10), size: int = 32, limit: int = 0, num_val: int = 360) -> str:

@@ -29,16 +29,15 @@ import torch
 from timm import utils
 from timm.data import create_transform, resolve_data_config
 
-from rmt.cli import (
-    ArgumentParser, ScriptError, add_amp_args, add_model_args, apply_saved_settings, autocast_for, available_device,
-    build_model, data_workers, default_device, default_workers, finite_float, load_weights, model_name, open_split,
-    positive_float, positive_int, run_main)
+from rmt.atomic import atomic_torch_save
 from rmt.data import dataset_classes
 from rmt.token_labeling import (
     META_FILE, DenseTeacher, TokenLabelDataset, label_file_path, label_map_for_file, read_image, read_meta,
     topk_label_map)
-
-from rmt.train_utils import atomic_torch_save
+from rmt.tools.cli import (
+    ArgumentParser, ScriptError, add_amp_args, add_model_args, apply_saved_settings, autocast_for, available_device,
+    build_model, data_workers, default_device, default_workers, finite_float, load_weights, model_name, open_split,
+    positive_float, positive_int, run_main)
 
 _logger = logging.getLogger('make_token_labels')
 

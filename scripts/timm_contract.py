@@ -30,7 +30,7 @@ import timm
 from timm.models import _registry
 
 import rmt  # noqa: F401  (registers the models)
-from rmt.cli import ArgumentParser, ScriptError, run_main
+from rmt.tools.cli import ArgumentParser, ScriptError, run_main
 
 NETWORK_TESTS = ('test_model_load_pretrained', 'test_model_features_pretrained', 'test_model_inference')
 # markers that timm registers in its pyproject.toml, and pytest-timeout's

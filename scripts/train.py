@@ -5,7 +5,7 @@ Takes timm's ``train.py`` flags with the same names and meanings (``--config FIL
 them; the command line wins) and is built from timm's library: datasets, loaders, transforms and
 Mixup from ``timm.data``, losses from ``timm.loss``, ``create_optimizer_v2``, ``create_scheduler_v2``,
 EMA, loss scaling, checkpoint saving, ``summary.csv`` and distributed set-up from ``timm.utils``;
-what the scripts share comes from ``rmt.cli``, ``rmt.data``, ``rmt.evaluate`` and ``rmt.train_utils``.
+what the scripts share comes from ``rmt.tools``.
 
     python scripts/train.py --config configs/rmt_t_in1k.yaml --data-dir /data/imagenet
     torchrun --nproc-per-node 8 scripts/train.py --config configs/rmt_s_in1k.yaml --data-dir /data/imagenet
@@ -39,7 +39,6 @@ from functools import partial
 import torch
 import torch.nn as nn
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 from timm import utils
@@ -50,15 +49,16 @@ from timm.models import clean_state_dict, model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from rmt.cli import (
+from rmt.data import dataset_classes
+from rmt.token_labeling import TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, read_meta
+from rmt.tools.cli import (
     ArgumentParser, ScriptError, add_amp_args, add_model_args, autocast_for, available_device, build_model,
     check_fits, check_num_classes, data_workers, default_device, default_workers, finite_float, model_kwargs_from_args,
     model_name, non_negative_float, non_negative_int, open_split, parse_args_with_config, positive_float, positive_int,
     probability, read_checkpoint, run_main)
-from rmt.data import create_eval_loader, dataset_classes
-from rmt.evaluate import evaluate
-from rmt.token_labeling import TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, read_meta
-from rmt.train_utils import AtomicCheckpointSaver, allow_posterize_to_zero_bits
+from rmt.tools.data import create_eval_loader
+from rmt.tools.evaluate import evaluate
+from rmt.tools.train_utils import AtomicCheckpointSaver, allow_posterize_to_zero_bits, distributed_data_parallel
 
 _logger = logging.getLogger('train')
 
@@ -232,16 +232,54 @@ def prune_summary(path: str, start_epoch: int) -> None:
     os.replace(tmp, path)
 
 
+# optimizer settings that come from this run's arguments, never from a resumed checkpoint
+OPTIMIZER_SETTINGS = ('lr', 'lr_scale', 'weight_decay', 'momentum', 'betas', 'eps')
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """Resume the optimizer's state (moments, step counts) under this run's settings.
+
+    ``optimizer.load_state_dict`` also brings back the checkpoint's param-group settings, among them
+    ``initial_lr``, the base the LR scheduler is built on: a resume with a new ``--lr`` kept the old
+    schedule while args.yaml recorded the new one. The settings the arguments give
+    (:data:`OPTIMIZER_SETTINGS`: ``--lr``, ``--layer-decay``, ``--weight-decay``, ``--momentum``,
+    ``--opt-betas``, ``--opt-eps``) are kept from the optimizer this run built, and ``initial_lr`` is
+    dropped so that the scheduler takes this run's ``--lr``.
+    """
+    settings = [{k: group[k] for k in OPTIMIZER_SETTINGS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.pop('initial_lr', None)
+        group.update(own)
+
+
 def restore_scheduler(lr_scheduler, saved: dict) -> None:
-    """Restore the scheduler's saved state, unless the schedule's arguments changed (e.g. more --epochs)."""
+    """Restore the scheduler's saved state, unless the schedule changed (a new --lr, --epochs, --sched, ...):
+    then the scheduler built from this run's arguments stays, as args.yaml records them."""
     fresh = lr_scheduler.state_dict()
     changed = sorted(k for k in fresh if k in saved and k not in ('best', 'last_epoch', 'metric')
                      and fresh[k] != saved[k])
     if changed:
-        _logger.warning(f'LR schedule arguments changed since the checkpoint ({", ".join(changed)}): '
-                        f'following the new ones')
+        _logger.warning(f'The LR schedule differs from the checkpoint\'s ({", ".join(changed)}): following this run\'s '
+                        f'arguments')
     else:
         lr_scheduler.load_state_dict(saved)
+
+
+def mixup_active(args) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def check_mixup_batch(args) -> None:
+    """timm's Mixup and CutMix mix each image with its mirror in the batch (i with B-1-i) and refuse a batch of odd
+    size at the first step; refuse an odd ``--batch-size`` (per process) at start instead. The training loader
+    drops the last partial batch of an epoch (and each process's, after the distributed sampler's padding), so
+    every batch is ``--batch-size``."""
+    if mixup_active(args) and args.batch_size % 2:
+        even = ' or '.join(str(n) for n in (args.batch_size - 1, args.batch_size + 1) if n > 0)
+        raise ScriptError(f'--batch-size {args.batch_size}: mixup and CutMix (--mixup {args.mixup}, --cutmix '
+                          f'{args.cutmix}) pair the images of a batch and need an even batch size per process; use '
+                          f'-b {even}, or turn them off with --mixup 0 --cutmix 0')
 
 
 def setup_token_label_args(args) -> None:
@@ -404,6 +442,7 @@ def main(argv=None):
     # the run's args.yaml and checkpoints name every model kwarg, with no reference to another file
     args.model_kwargs, args.official_config = model_kwargs_from_args(args), ''
     setup_token_label_args(args)
+    check_mixup_batch(args)
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
     with allow_posterize_to_zero_bits():  # the paper's RandAugment policy with Pillow >= 13
         train(args, args_text)
@@ -489,7 +528,7 @@ def train(args, args_text: str) -> None:
         model.load_state_dict(weights)
         if not args.no_resume_opt:
             try:
-                optimizer.load_state_dict(resume_state['optimizer'])
+                load_optimizer_state(optimizer, resume_state['optimizer'])
             except (KeyError, ValueError) as e:
                 raise ScriptError(f'--resume {args.resume}: its optimizer state does not fit --opt {args.opt} with '
                                   f'these arguments ({e}); add --no-resume-opt to start the optimizer afresh') from None
@@ -507,13 +546,12 @@ def train(args, args_text: str) -> None:
                 _logger.warning(f'{args.resume} has no EMA weights: the EMA restarts from the resumed weights')
 
     if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+        model = distributed_data_parallel(model, device)
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
 
     collate_fn = mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None  # never with --token-label
-    if mixup_active:
+    if mixup_active(args):  # never with --token-label
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                           label_smoothing=args.smoothing, num_classes=args.num_classes)
@@ -553,7 +591,7 @@ def train(args, args_text: str) -> None:
                                            release_boxes=not args.token_label_corrected_boxes)
         except ValueError as e:
             raise ScriptError(f'--cls-weight/--dense-weight: {e}') from None
-    elif mixup_active:
+    elif mixup_active(args):
         train_loss_fn = BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
     elif args.smoothing:
         train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing) if args.bce_loss \
@@ -595,7 +633,7 @@ def train(args, args_text: str) -> None:
         logging.getLogger().addHandler(log_file)
         saver = AtomicCheckpointSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
+            checkpoint_dir=output_dir, decreasing='loss' in args.eval_metric,
             max_history=args.checkpoint_hist, lr_scheduler=lr_scheduler)
         if resume_state is not None:
             saver.load_state_dict(resume_state.get('saver', {}))

@@ -7,7 +7,7 @@
 ``--checkpoint`` takes a released RMT file, a ``.safetensors`` file, or a checkpoint written by
 ``scripts/train.py``. For the latter the model, its arguments, the class count and the evaluation
 image settings default to the ones the run trained with, so the numbers match its ``summary.csv``
-(the same evaluation code, ``rmt.evaluate``, computes both); a ``.safetensors`` written by
+(the same evaluation code, ``rmt.tools.evaluate``, computes both); a ``.safetensors`` written by
 ``scripts/convert_checkpoint.py`` names its model and kwargs. Prints a JSON line with the results
 as its last output.
 """
@@ -21,12 +21,13 @@ from timm import utils
 from timm.data import resolve_data_config
 
 from rmt.checkpoint import has_ema
-from rmt.cli import (
+from rmt.data import dataset_classes
+from rmt.tools.cli import (
     ArgumentParser, ScriptError, add_amp_args, add_model_args, apply_saved_settings, autocast_for, available_device,
     build_model, check_num_classes, data_workers, default_device, default_workers, finite_float, load_weights,
     model_name, open_split, parse_args_with_config, positive_float, positive_int, run_main)
-from rmt.data import create_eval_loader, dataset_classes
-from rmt.evaluate import evaluate
+from rmt.tools.data import create_eval_loader
+from rmt.tools.evaluate import evaluate
 
 _logger = logging.getLogger('validate')
 

@@ -54,10 +54,10 @@ class CodePayload:
 
 
 def one_line_error(capsys, main, argv) -> str:
-    """Run a script's ``main(argv)`` as its ``__main__`` does (``rmt.cli.run_main``, program name PROG); return
+    """Run a script's ``main(argv)`` as its ``__main__`` does (``rmt.tools.cli.run_main``, program name PROG); return
     its error line after checking exit status 2, one line on stderr and no traceback."""
     import pytest
-    from rmt.cli import run_main
+    from rmt.tools.cli import run_main
     with pytest.raises(SystemExit) as exit_:
         run_main(main, [str(a) for a in argv], prog='PROG')
     err = capsys.readouterr().err

@@ -1,16 +1,24 @@
-"""rmt.cli, what the scripts share: errors as exceptions until ``run_main``, checked values, AMP, Pillow's fix."""
+"""rmt.tools, what the scripts share: errors as exceptions until ``run_main``, checked values, AMP, datasets,
+Pillow's fix; and the library's independence of it."""
 import argparse
+import ast
+import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 import pytest
 import torch
+from PIL import Image
 
-from rmt.cli import (
+import rmt
+from rmt.tools.cli import (
     ArgumentParser, ParseModelKwargs, ScriptError, autocast_for, data_workers, parse_args_with_config, positive_int,
     run_main)
-from rmt.data import open_dataset
-from rmt.train_utils import allow_posterize_to_zero_bits
+from rmt.tools.data import open_dataset
+from rmt.tools.train_utils import allow_posterize_to_zero_bits
 
 
 def test_script_error_is_an_ordinary_exception_of_one_line():
@@ -122,3 +130,40 @@ def test_pillow_is_patched_only_inside_the_block():
     with allow_posterize_to_zero_bits():
         assert ImageOps.posterize(image, 0).getpixel((0, 0)) == (0, 0, 0)
     assert ImageOps.posterize is before
+
+
+def test_a_skipped_truncated_image_is_named_in_the_warning(tmp_path, caplog):
+    folder = tmp_path / 'train' / 'digit0'
+    folder.mkdir(parents=True)
+    pixels = np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / 'a_whole.jpg')
+    (folder / 'b_truncated.jpg').write_bytes((folder / 'a_whole.jpg').read_bytes()[:600])
+    Image.fromarray(pixels).save(folder / 'c_whole.jpg')
+    dataset = open_dataset(SimpleNamespace(dataset='', data_dir=str(tmp_path), batch_size=2), 'train', True)
+    assert dataset.filename(1, basename=True) == 'b_truncated.jpg'
+    with caplog.at_level(logging.WARNING):
+        image, target = dataset[1]
+    assert image.size == (64, 64) and target == 0  # the next image in its place, as timm does
+    assert len(caplog.records) == 1
+    assert str(folder / 'b_truncated.jpg') in caplog.records[0].getMessage()
+    assert 'truncated' in caplog.records[0].getMessage().lower()
+
+
+def test_the_library_imports_nothing_from_the_command_line_layer():
+    package = Path(rmt.__file__).parent
+    library = [p for p in package.rglob('*.py') if 'tools' not in p.relative_to(package).parts[:1]
+               and p.name != '__main__.py']
+    assert len(library) > 10
+    for path in library:
+        module = '.'.join(('rmt',) + path.relative_to(package).with_suffix('').parts).removesuffix('.__init__')
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = module.rsplit('.', node.level - (path.name == '__init__.py'))[0] if node.level else ''
+                names = [f'{base}.{node.module}' if node.module and base else node.module or base]
+                names += [f'{names[0]}.{alias.name}' for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any(n == 'rmt.tools' or n.startswith('rmt.tools.') for n in names), \
+                f'{path.relative_to(package.parent)} imports {names[0]} (line {node.lineno})'

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 import rmt
 from rmt.checkpoint import read_model_metadata
-from rmt.cli import ScriptError
+from rmt.tools.cli import ScriptError
 from tests.helpers import FIXTURES, SMALL_CHECKPOINT, SMALL_CONFIG, load_script, script, small_kwargs
 
 convert_checkpoint = load_script('convert_checkpoint')

@@ -327,9 +327,3 @@ def test_timms_fx_feature_extractor_gives_the_stage_outputs():
     with torch.inference_mode():
         features = model(x)
     assert [tuple(f.shape[1:3]) for f in features] == [(16, 24), (8, 12), (4, 6), (2, 3)]
-
-
-def test_former_init_values_name_still_sets_the_decay_with_a_warning():
-    with pytest.warns(FutureWarning, match='decay_exponents'):
-        model = timm.create_model('rmt_t', init_values=(3, 3, 2, 2))
-    assert [stage.relpos.decay_exponent for stage in model.stages] == [3., 3., 2., 2.]

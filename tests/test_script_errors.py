@@ -1,7 +1,7 @@
 """Every script's answer to a user's mistake: one line on stderr naming the argument, the value and what is
 expected, exit status 2, no traceback, nothing written.
 
-Each script's ``main`` runs in-process under ``rmt.cli.run_main`` (what the scripts' ``__main__`` does), so
+Each script's ``main`` runs in-process under ``rmt.tools.cli.run_main`` (what the scripts' ``__main__`` does), so
 the line and the exit status are what a user sees; one test runs every script as a user would, in fresh
 interpreters.
 """
@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import rmt.__main__
-from rmt.cli import run_main
 from tests.helpers import (
     SCRIPTS, SMALL_CHECKPOINT, SMOKE_CONFIG, digits_folder, load_script, one_line_error, run_side_by_side,
     write_digits_folder)
@@ -78,6 +77,8 @@ CASES = [
          'bfloat16'),
     case('train', ['--data-dir', '{w}/tiny', '-b', '64'], '--batch-size 64', 'has 16 images, fewer than one batch',
          'at most 16'),
+    case('train', ['--data-dir', '{digits}', '-b', '63'], '--batch-size 63: mixup and CutMix',
+         'need an even batch size per process', '-b 62 or 64'),
     case('train', ['--data-dir', '{digits}', '--resume', '{w}/nope.pth.tar'], '--resume', 'nope.pth.tar: no such file'),
     case('train', ['--data-dir', '{digits}', '--resume', '{w}/text.pth'], '--resume', 'text.pth',
          'not a PyTorch checkpoint'),

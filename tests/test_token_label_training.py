@@ -16,9 +16,9 @@ import timm
 import torch
 
 import rmt
-from rmt.cli import ScriptError, parse_args_with_config
-from rmt.data import open_dataset
 from rmt.token_labeling import META_FILE, read_meta
+from rmt.tools.cli import ScriptError, parse_args_with_config
+from rmt.tools.data import open_dataset
 from tests.helpers import (
     FIXTURES, PATIENCE, REPO, SCRIPTS, SMALL_CONFIG, assert_resumed_like_uninterrupted, digits_folder, env,
     kill_when_written, load_run_checkpoint, load_script, read_summary, run_side_by_side, script, session_dir,

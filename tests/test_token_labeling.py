@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import rmt  # noqa: F401  (registers the models)
-from rmt.cli import ScriptError
 from rmt.mixtoken import (
     MixTokenBox, TokenLabelOutput, mix_tokens, mixtoken_lam, sample_mixtoken_box, unmix_tokens)
 from rmt.token_labeling import (
     META_FILE, DenseTeacher, TokenLabelDataset, TokenLabelLoss, TokenLabelTransform, dense_targets, label_file_path,
     pack_target, read_label_file, unpack_targets)
-from rmt.train_utils import allow_posterize_to_zero_bits
+from rmt.tools.cli import ScriptError
+from rmt.tools.train_utils import allow_posterize_to_zero_bits
 from tests.helpers import load_script, small_kwargs, write_digits_folder
 
 make_token_labels = load_script('make_token_labels')

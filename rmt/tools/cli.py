@@ -1,16 +1,16 @@
 """What the command-line scripts share: one-line errors, checked arguments, ``--config`` files, model building.
 
 The scripts in ``scripts/`` (train, validate, convert_checkpoint, ...) and ``python -m rmt`` are thin
-programs on top of this module, :mod:`rmt.data`, :mod:`rmt.evaluate`, :mod:`rmt.train_utils` and timm,
-as timm's own ``train.py`` is on top of ``timm``.
+programs on top of this module, the rest of :mod:`rmt.tools`, the library and timm, as timm's own
+``train.py`` is on top of ``timm``.
 
 One rule for user mistakes (a path, a name, a value, a file of the wrong kind): the script raises
 :class:`ScriptError` with a message naming the argument, the value and what is expected, and
 :func:`run_main` prints it as one line on stderr and exits with status 2, as argparse does for its
 own errors (:class:`ArgumentParser` turns those into :class:`ScriptError` too, without the usage
-text). Anything else is a bug and keeps its traceback. The library (:mod:`rmt.data`,
-:mod:`rmt.checkpoint`, ...) raises ordinary exceptions (``ValueError``, ``FileNotFoundError``);
-the scripts turn the ones that mean bad input into :class:`ScriptError` where they call it.
+text). Anything else is a bug and keeps its traceback. The library (:mod:`rmt.checkpoint`, ...) and
+:mod:`rmt.tools.data` raise ordinary exceptions (``ValueError``, ``FileNotFoundError``); the scripts
+turn the ones that mean bad input into :class:`ScriptError` where they call it.
 """
 import argparse
 import ast
@@ -31,11 +31,11 @@ from torch import nn
 
 from timm.models import create_model, is_model, list_models, parse_model_name, split_model_name_tag
 
-from .checkpoint import (
+from ..checkpoint import (
     checkpoint_filter_fn, has_ema, load_checkpoint_file, official_config_to_kwargs, read_model_metadata,
     state_dict_from_checkpoint, state_dict_misfit, weights_key)
+from ..model import RMT
 from .data import open_dataset
-from .model import RMT
 
 __all__ = [
     'ScriptError', 'run_main', 'ArgumentParser', 'positive_int', 'non_negative_int', 'positive_float',
@@ -383,7 +383,7 @@ def check_fits(state_dict: Dict[str, Any], model: nn.Module, what: str, hint: st
 
 
 def open_split(args, split: str, is_training: bool, class_map: str = '', require_split: bool = True):
-    """:func:`rmt.data.open_dataset` with its errors (a missing, misshapen or unreadable folder) as one line."""
+    """:func:`rmt.tools.data.open_dataset` with its errors (a missing, misshapen or unreadable folder) as one line."""
     try:
         return open_dataset(args, split, is_training, class_map, require_split)
     except (OSError, ValueError) as e:
