@@ -376,7 +376,7 @@ class RMT(nn.Module):
             intermediates_only: return only the intermediates.
         """
         if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+            raise ValueError("output_fmt must be 'NCHW' or 'NHWC', got {!r}".format(output_fmt))
         check_input(x, self.in_chans)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)

@@ -244,7 +244,7 @@ class TokenLabelTransform:
     cuts the map with it. RandAugment is timm's (``auto_augment``, a ``rand-...`` policy; the recipe's is
     ``rand-m9-mstd0.5-inc1``), run as it is; its Rotate, Shear and Translate ops also move the map. Colour
     jitter applies only without RandAugment, as in timm and the release. With Pillow >= 13 the recipe's
-    policy needs :func:`rmt.train_utils.allow_posterize_to_zero_bits` (``scripts/train.py`` trains in it).
+    policy needs :func:`rmt.tools.train_utils.allow_posterize_to_zero_bits` (``scripts/train.py`` trains in it).
 
     Returns ``(image, label_map, box)``: a PIL image of ``img_size``, the ``[2, k, h, w]`` map, a 4-tuple.
     """
