@@ -15,7 +15,7 @@ them with ``torch.export.load('rmt_t.pt2').module()`` or ``onnxruntime.Inference
 (input ``x``: batch x 3 x height x width, float32, normalised like the eager model's input).
 ``--formats`` (beside the ``.pt2``, always written) adds OpenVINO (``rmt_t.xml`` + ``.bin``, converted from the exported program, same
 dynamic dims), ExecuTorch for XNNPACK (``rmt_t.pte``) and Core ML (``rmt_t.mlpackage``, an ML program);
-these two take the fixed shape ``--batch`` x 3 x ``--export-size``. Every format but Core ML
+these two take the fixed shape ``--fixed-batch`` x 3 x ``--export-size``. Every format but Core ML
 (which runs on macOS only) is run and compared with eager.
 Opset 18 and later are written by torch's dynamo exporter from the exported program, opset 17 by
 the classic exporter (``torch.onnx.export(..., dynamo=False)``); the opset printed is the one read
@@ -98,6 +98,8 @@ def main(argv=None):
     parser.add_argument('--export-size', type=_size, default=(224, 224), metavar='HxW',
                         help='example input size traced for the export')
     parser.add_argument('--batch', type=positive_int, default=2, help='example batch size (>= 2 for a dynamic batch)')
+    parser.add_argument('--fixed-batch', type=positive_int, default=1,
+                        help='batch of the fixed-shape formats (executorch, coreml)')
     parser.add_argument('--check-sizes', type=_size, nargs='*', metavar='HxW',
                         default=[(224, 224), (97, 161), (320, 256)],
                         help='sizes at which outputs are compared with the eager model')
@@ -157,21 +159,23 @@ def main(argv=None):
         compiled = compile_openvino(stem + '.xml')
         print(f'OpenVINO: {stem}.xml and .bin ({time.perf_counter() - start:.1f} s), input x {compiled.inputs[0].partial_shape}')
     fixed = []  # formats of fixed input shape: checked at the export shape
+    if {'executorch', 'coreml'} & set(args.formats):
+        fixed_example = torch.randn(args.fixed_batch, 3, *args.export_size)
     if 'executorch' in args.formats:
         start = time.perf_counter()
-        export_executorch(model, stem + '.pte', example=example)
+        export_executorch(model, stem + '.pte', example=fixed_example)
         method = load_executorch(stem + '.pte')
         print(f'ExecuTorch (XNNPACK): {stem}.pte ({time.perf_counter() - start:.1f} s), '
-              f'input x fixed at {"x".join(map(str, example.shape))}')
+              f'input x fixed at {"x".join(map(str, fixed_example.shape))}')
         fixed.append(('ExecuTorch', lambda x: method.execute([x])))
     if 'coreml' in args.formats:
         start = time.perf_counter()
         try:
-            export_coreml(model, stem + '.mlpackage', example=example)
+            export_coreml(model, stem + '.mlpackage', example=fixed_example)
         except Exception as e:  # coremltools' conversion errors have no common type
             raise ScriptError(f'Core ML conversion failed: {str(e).strip().splitlines()[0]}') from None
         print(f'Core ML (ML program): {stem}.mlpackage ({time.perf_counter() - start:.1f} s), input x fixed at '
-              f'{"x".join(map(str, example.shape))}; not run (Core ML runs on macOS)')
+              f'{"x".join(map(str, fixed_example.shape))}; not run (Core ML runs on macOS)')
 
     run = torch.export.load(stem + '.pt2').module()
     batches = [args.batch] if args.static_batch else [1, 3]
@@ -195,7 +199,7 @@ def main(argv=None):
         shapes = ', '.join('x'.join(map(str, t.shape)) for t in (eager if isinstance(eager, list) else [eager]))
         print(f'| {b}x3x{h}x{w} | {shapes} | ' + ' | '.join(f'{d:.2e}' for d in diffs) + ' |', flush=True)
     for name, call in fixed:
-        x = torch.randn_like(example)
+        x = torch.randn_like(fixed_example)
         with torch.no_grad():
             diff = max_abs_diff(call(x), model(x))
         worst = max(worst, diff)
