@@ -250,34 +250,41 @@ def _op_table(title: str, names: List[str], per_model: List[Dict[str, Tuple[floa
           (f' {totals[0] - totals[1]:+.2f} |' if len(names) > 1 else ''))
 
 
-def torch_op_profile(run: Callable, reps: int) -> Dict[str, Tuple[float, float]]:
-    """Self CPU time and calls of each aten op per forward, by ``torch.profiler``."""
+def torch_op_profiles(runs: List[Callable], reps: int) -> List[Dict[str, Tuple[float, float]]]:
+    """Self CPU time and calls of each aten op per forward, by ``torch.profiler``; the models' forwards
+    alternate (one profiled forward each per round), so a busy machine weighs on them alike."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(reps):
-            run()
-    return {e.key: (e.self_cpu_time_total / 1000 / reps, e.count / reps) for e in prof.key_averages()
-            if e.self_cpu_time_total > 0}
+    tables: List[Dict[str, List[float]]] = [defaultdict(lambda: [0., 0.]) for _ in runs]
+    for _ in range(reps):
+        for run, table in zip(runs, tables):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run()
+            for e in prof.key_averages():
+                table[e.key][0] += e.self_cpu_time_total / 1000 / reps
+                table[e.key][1] += e.count / reps
+    return [{k: tuple(v) for k, v in t.items() if v[0] > 0} for t in tables]
 
 
-def ort_op_profile(path: str, x: torch.Tensor, threads: int, reps: int) -> Dict[str, Tuple[float, float]]:
-    """Node time and calls of each ONNX op type per forward, from ONNX Runtime's profiler."""
-    session = ort_session(path, threads, profile=True)
+def ort_op_profiles(paths: List[str], x: torch.Tensor, threads: int, reps: int) -> List[Dict[str, Tuple[float, float]]]:
+    """Node time and calls of each ONNX op type per forward, from ONNX Runtime's profiler; the models'
+    runs alternate, the first run of each left out (its nodes' times include first-use costs)."""
+    sessions = [ort_session(path, threads, profile=True) for path in paths]
     feed = {'x': x.numpy()}
     for _ in range(reps + 1):
-        session.run(None, feed)
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
-    # the first run is left out: its nodes' times include first-use costs
-    second = sorted(e['ts'] for e in events if e.get('name') == 'model_run')[1]
-    events = [e for e in events if e['ts'] >= second]
-    table: Dict[str, List[float]] = defaultdict(lambda: [0., 0.])
-    for e in events:
-        if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'):
-            row = table[e['args']['op_name']]
-            row[0] += e['dur'] / 1000 / reps
-            row[1] += 1 / reps
-    return {k: tuple(v) for k, v in table.items()}
+        for session in sessions:
+            session.run(None, feed)
+    tables = []
+    for session in sessions:
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+        second = sorted(e['ts'] for e in events if e.get('name') == 'model_run')[1]
+        table: Dict[str, List[float]] = defaultdict(lambda: [0., 0.])
+        for e in events:
+            if e['ts'] >= second and e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'):
+                table[e['args']['op_name']][0] += e['dur'] / 1000 / reps
+                table[e['args']['op_name']][1] += 1 / reps
+        tables.append({k: tuple(v) for k, v in table.items()})
+    return tables
 
 
 def print_profiles(args, exports: Dict[str, Exports], runs: Dict[Tuple[str, str], Callable]) -> None:
@@ -285,11 +292,11 @@ def print_profiles(args, exports: Dict[str, Exports], runs: Dict[Tuple[str, str]
     reps = max(3, args.rounds)
     if ('eager', names[0]) in runs:
         _op_table('Eager PyTorch, torch.profiler self CPU time by op', names,
-                  [torch_op_profile(runs[('eager', n)], reps) for n in names], args.profile)
+                  torch_op_profiles([runs[('eager', n)] for n in names], reps), args.profile)
     if 'onnxruntime' in args.runtimes and all(('onnxruntime', n) in runs for n in names):
         _op_table('ONNX Runtime (classic export), node time by op type', names,
-                  [ort_op_profile(exports[n].classic_onnx(), exports[n].x, args.threads, reps) for n in names],
-                  args.profile)
+                  ort_op_profiles([exports[n].classic_onnx() for n in names], exports[names[0]].x, args.threads,
+                                  reps), args.profile)
     for n in args.models:
         lowered = exports[n].lowered
         if lowered is None:
