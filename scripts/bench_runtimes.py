@@ -18,8 +18,9 @@ default: every one whose runtime is installed):
 
 RMT models are exported with dynamic batch, height and width, as ``rmt.export`` and
 ``scripts/export.py`` give them to users; fixed-size peers (Swin) with a dynamic batch only.
-``--static-size`` fixes height and width for every model (the tables then become constants).
-ExecuTorch programs are always fixed to the timed shape.
+``--static-shape`` exports every model at the timed shape (batch, height and width fixed: the size
+arithmetic and position tables become constants the runtimes fold). ExecuTorch programs are always
+fixed to the timed shape.
 
 Timing: ``--blocks`` blocks; in each, every route in turn runs ``--warmup`` untimed and ``--rounds``
 timed rounds, a round timing every model once (interleaved), so drift of a shared machine hits the
@@ -96,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument('-b', '--batch-size', type=positive_int, default=1)
     p.add_argument('--img-size', type=positive_int, default=224)
     p.add_argument('--threads', type=positive_int, default=2, help='threads of every runtime')
-    p.add_argument('--static-size', action='store_true', help='export every model with a fixed height and width')
+    p.add_argument('--static-shape', action='store_true', help='export every model at the timed shape')
     p.add_argument('--warmup', type=non_negative_int, default=2)
     p.add_argument('--rounds', type=positive_int, default=5)
     p.add_argument('--blocks', type=positive_int, default=2)
@@ -133,26 +134,30 @@ class Exports:
     def __init__(self, model: torch.nn.Module, name: str, x: torch.Tensor, args, folder: str):
         self.model, self.x, self.threads = model, x, args.threads
         self.stem = os.path.join(folder, name)
-        self.dynamic_size = name.startswith('rmt_') and not args.static_size
-        self.example = torch.randn(max(2, x.shape[0]), *x.shape[1:])  # a dynamic batch is traced at >= 2
+        self.dynamic_batch = not args.static_shape
+        self.dynamic_size = name.startswith('rmt_') and not args.static_shape
+        # a dynamic batch is traced at >= 2 (export specialises 1)
+        self.example = x if args.static_shape else torch.randn(max(2, x.shape[0]), *x.shape[1:])
         self._classic: Optional[str] = None
         self._program = None
         self.lowered = None  # ExecuTorch's lowered program, for the delegation report
 
     def program(self):
         if self._program is None:
-            self._program = export_program(self.model, self.example, dynamic_size=self.dynamic_size)
+            self._program = export_program(self.model, self.example, dynamic_batch=self.dynamic_batch,
+                                           dynamic_size=self.dynamic_size)
         return self._program
 
     def classic_onnx(self) -> str:
         if self._classic is None:
             self._classic = self.stem + '.onnx'
-            export_onnx_traced(self.model, self._classic, example=self.example, dynamic_size=self.dynamic_size)
+            export_onnx_traced(self.model, self._classic, example=self.example, dynamic_batch=self.dynamic_batch,
+                               dynamic_size=self.dynamic_size)
         return self._classic
 
     def dynamo_onnx(self) -> str:
         path = self.stem + '_dynamo.onnx'
-        export_onnx(self.program(), path, dynamic_size=self.dynamic_size)
+        export_onnx(self.program(), path, dynamic_batch=self.dynamic_batch, dynamic_size=self.dynamic_size)
         return path
 
 
@@ -201,7 +206,7 @@ def print_tables(args, results: Dict[Tuple[str, str], Dict]) -> None:
     models, routes = args.models, args.runtimes
     ratio = len(models) > 1
     print(f'\nLatency in ms (median of {args.rounds} rounds, per block), batch {args.batch_size}, '
-          f'{args.img_size} px, {args.threads} threads' + (', fixed export size' if args.static_size else '') + ':\n')
+          f'{args.img_size} px, {args.threads} threads' + (', exported at that shape' if args.static_shape else '') + ':\n')
     head = '| route | ' + ' | '.join(models) + ' |' + (f' {models[0]} / {models[1]} speed |' if ratio else '')
     print(head)
     print('|---|' + '---|' * (len(models) + ratio))

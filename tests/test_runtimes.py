@@ -58,6 +58,16 @@ def test_openvino_from_classic_onnx_reproduces_released_logits_at_any_batch_and_
     _assert_reproduces(lambda x: compiled(x.numpy()).to_tuple(), small, expected)
 
 
+def test_openvino_compiled_at_a_fixed_shape_reproduces_released_logits(small, expected, tmp_path):
+    pytest.importorskip('openvino')
+    path = str(tmp_path / 'small.onnx')
+    export_onnx_traced(small, path, example=torch.randn(*EXPORT_EXAMPLE))
+    ref = expected['70x50']
+    compiled = compile_openvino(path, threads=1, shape=ref['input'].shape)
+    assert str(compiled.inputs[0].partial_shape) == '[2,3,70,50]'
+    assert max_abs_diff(compiled(ref['input'].numpy()).to_tuple(), ref['logits']) < 1e-4
+
+
 def test_executorch_xnnpack_reproduces_released_logits(small, expected, tmp_path):
     pytest.importorskip('executorch')
     ref = expected['70x50']
