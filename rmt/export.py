@@ -25,8 +25,9 @@ Example::
     export_onnx(program, 'rmt_t.onnx')                   # inputs named (batch, 3, height, width)
     export_onnx_traced(model, 'rmt_t_opset17.onnx', opset=17)
 """
+import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ from torch.export import Dim, ExportedProgram
 from timm.layers import get_device_dtype
 
 __all__ = ['MIN_SIZE', 'MAX_SIZE', 'DEFAULT_OPSET', 'DYNAMO_MIN_OPSET', 'dynamic_shapes', 'export_program',
-           'export_onnx', 'export_onnx_traced', 'onnx_opset', 'max_abs_diff']
+           'export_onnx', 'export_onnx_traced', 'export_openvino', 'compile_openvino', 'export_executorch',
+           'xnnpack_delegation', 'load_executorch', 'export_coreml', 'onnx_opset', 'max_abs_diff']
 
 MIN_SIZE = 33
 MAX_SIZE = 8192
@@ -49,12 +51,15 @@ def dynamic_shapes(
         min_size: int = MIN_SIZE,
         max_size: int = MAX_SIZE,
         max_batch: int = 1024,
+        dynamic_size: bool = True,
 ) -> Dict[str, Dict[int, Any]]:
-    """``dynamic_shapes`` for the model's input ``x`` (B, C, H, W): batch (optional), height and width."""
+    """``dynamic_shapes`` for the model's input ``x`` (B, C, H, W): batch and height and width (each optional)."""
     if min_size < MIN_SIZE:
         raise ValueError(f'exported RMT needs inputs of at least {MIN_SIZE} px per side (see rmt.export), '
                          f'got min_size={min_size}')
-    dims: Dict[int, Any] = {2: Dim('height', min=min_size, max=max_size), 3: Dim('width', min=min_size, max=max_size)}
+    dims: Dict[int, Any] = {}
+    if dynamic_size:
+        dims.update({2: Dim('height', min=min_size, max=max_size), 3: Dim('width', min=min_size, max=max_size)})
     if dynamic_batch:
         dims[0] = Dim('batch', min=1, max=max_batch)
     return {'x': dims}
@@ -75,12 +80,15 @@ def export_program(
         dynamic_batch: bool = True,
         min_size: int = MIN_SIZE,
         max_size: int = MAX_SIZE,
+        dynamic_size: bool = True,
+        max_batch: int = 1024,
 ) -> ExportedProgram:
     """``torch.export.export`` of ``model`` (put in eval mode) with dynamic batch, height and width.
 
     ``example`` is the input traced with (default: batch 2, 3 x 224 x 224 random; batch and sides must
     not be 1, which export would specialise). Works for classifiers and for ``features_only`` backbones
-    (the program then returns the list of stage features).
+    (the program then returns the list of stage features). ``dynamic_size=False`` fixes height and
+    width to the example's (what fixed-size models such as Swin need, and ExecuTorch and Core ML).
     """
     model.eval()
     if example is None:
@@ -88,8 +96,8 @@ def export_program(
     if dynamic_batch and example.shape[0] == 1:
         raise ValueError('trace a dynamic batch with an example batch of at least 2 (export specialises size 1)')
     with torch.no_grad():
-        return torch.export.export(model, (example,),
-                                   dynamic_shapes=dynamic_shapes(dynamic_batch, min_size, max_size))
+        return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(
+            dynamic_batch, min_size, max_size, max_batch, dynamic_size))
 
 
 def export_onnx(
@@ -98,6 +106,7 @@ def export_onnx(
         opset: int = DEFAULT_OPSET,
         dynamic_batch: bool = True,
         optimize: bool = True,
+        dynamic_size: bool = True,
 ):
     """ONNX export (dynamo exporter) of an exported program, or of a model via :func:`export_program`.
 
@@ -109,7 +118,7 @@ def export_onnx(
         raise ValueError(f'the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later, not {opset}: use '
                          f'export_onnx_traced for opset 17')
     if not isinstance(program, ExportedProgram):
-        program = export_program(program, dynamic_batch=dynamic_batch)
+        program = export_program(program, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
     output_names = _output_names(len(program.graph_signature.user_outputs))
     onnx_program = torch.onnx.export(
         program, dynamo=True, opset_version=opset, input_names=['x'], output_names=output_names,
@@ -130,6 +139,7 @@ def export_onnx_traced(
         opset: int = 17,
         example: Optional[torch.Tensor] = None,
         dynamic_batch: bool = True,
+        dynamic_size: bool = True,
 ) -> None:
     """ONNX export with torch's classic exporter (``torch.onnx.export(..., dynamo=False)``, TorchScript tracing).
 
@@ -144,7 +154,7 @@ def export_onnx_traced(
     with torch.no_grad():
         out = model(example)
     output_names = _output_names(len(out) if isinstance(out, (list, tuple)) else 1)
-    axes: Dict[str, Dict[int, str]] = {'x': {2: 'height', 3: 'width'}}
+    axes: Dict[str, Dict[int, str]] = {'x': {2: 'height', 3: 'width'} if dynamic_size else {}}
     if dynamic_batch:
         axes['x'][0] = 'batch'
         axes.update({name: {0: 'batch'} for name in output_names})
@@ -152,6 +162,114 @@ def export_onnx_traced(
         warnings.simplefilter('ignore')  # tracer warnings about Python values that are the same at every size
         torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset, input_names=['x'],
                           output_names=output_names, dynamic_axes=axes)
+
+
+def export_openvino(source: Union[str, ExportedProgram, nn.Module], path: Optional[str] = None,
+                    example: Optional[torch.Tensor] = None):
+    """OpenVINO model (``openvino.Model``) from an ONNX file, an exported program or a module.
+
+    An ONNX file or a program keeps its dynamic dims; a module is converted through
+    :func:`export_program` (dynamic batch, height and width; ``example`` as there). Saves
+    ``path`` (``.xml`` plus ``.bin``) with float32 weights when given. Run it with
+    :func:`compile_openvino`.
+    """
+    import openvino as ov
+    if isinstance(source, nn.Module):
+        source = export_program(source, example)
+    ov_model = ov.convert_model(source)
+    if path is not None:
+        ov.save_model(ov_model, path, compress_to_fp16=False)  # OpenVINO halves the saved weights by default
+    return ov_model
+
+
+def compile_openvino(source, threads: Optional[int] = None, shape: Optional[Sequence[int]] = None):
+    """An OpenVINO model or ``.xml`` / ``.onnx`` file compiled for the CPU in float32.
+
+    OpenVINO computes in bfloat16 by default on CPUs that have it (5e-3 off eager's float32 logits
+    on the tests' small model); float32 keeps the outputs within 1e-5 of eager. ``threads``: inference threads
+    (default: OpenVINO's). ``shape`` (B, C, H, W) fixes the input shape of a dynamic model before
+    compiling: the size arithmetic and position tables then fold into constants (``rmt_s`` at
+    1x3x224x224 ran 1.7x faster than the dynamic model, measured side by side). Call the result with a
+    NumPy batch: ``compiled(x)[0]``.
+    """
+    import openvino as ov
+    core = ov.Core()
+    if shape is not None:
+        source = core.read_model(str(source)) if isinstance(source, (str, os.PathLike)) else source.clone()
+        source.reshape(list(shape))
+    config: Dict[str, Any] = {'INFERENCE_PRECISION_HINT': 'f32'}
+    if threads:
+        config['INFERENCE_NUM_THREADS'] = threads
+    return core.compile_model(source, 'CPU', config)
+
+
+def export_executorch(
+        source: Union[ExportedProgram, nn.Module],
+        path: Optional[str] = None,
+        example: Optional[torch.Tensor] = None,
+):
+    """ExecuTorch program lowered to XNNPACK (CPU), for the fixed batch and size of ``example``.
+
+    ``source``: a model (exported here at the shape of ``example``, default 1 x C x 224 x 224) or an
+    exported program. Sizes are fixed because XNNPACK reshapes take one dynamic dimension and RMT's
+    reshapes span height and width; a dynamic batch lowers, but ExecuTorch 1.5's runtime then
+    refuses inputs above batch 3 whatever the bound. Ops XNNPACK does not take run in ExecuTorch's
+    portable kernels. Saves the ``.pte`` to ``path`` when given; returns the lowered
+    ``EdgeProgramManager`` (see :func:`xnnpack_delegation`). Run the file with :func:`load_executorch`.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    if isinstance(source, nn.Module):
+        if example is None:
+            example = _example(source, (224, 224), 1)
+        source = export_program(source, example, dynamic_batch=False, dynamic_size=False)
+    lowered = to_edge_transform_and_lower(source, partitioner=[XnnpackPartitioner()])
+    if path is not None:
+        with open(path, 'wb') as f:
+            f.write(lowered.to_executorch().buffer)
+    return lowered
+
+
+def xnnpack_delegation(lowered) -> Dict[str, Tuple[int, int]]:
+    """Per edge op of a lowered program (:func:`export_executorch`): (nodes in XNNPACK, nodes left out).
+
+    Ops left out run in ExecuTorch's portable kernels, between delegated subgraphs.
+    """
+    from executorch.devtools.backend_debug import get_delegation_info
+    frame = get_delegation_info(lowered.exported_program().graph_module).get_operator_delegation_dataframe()
+    return {row.op_type: (int(row.occurrences_in_delegated_graphs), int(row.occurrences_in_non_delegated_graphs))
+            for row in frame.itertuples() if row.op_type not in ('Total', 'getitem', 'alloc')}
+
+
+def load_executorch(path: str, threads: Optional[int] = None):
+    """The ``forward`` method of a ``.pte`` file, run with ``method.execute([x])`` (a list of outputs).
+
+    ``threads`` sets the XNNPACK thread pool of this process (shared by every loaded program).
+    """
+    from executorch.runtime import Runtime
+    if threads:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        _unsafe_reset_threadpool(threads)
+    return Runtime.get().load_program(path).load_method('forward')
+
+
+def export_coreml(model: nn.Module, path: Optional[str] = None, example: Optional[torch.Tensor] = None):
+    """Core ML ML program (``coremltools.models.MLModel``) of ``model`` at the fixed size of ``example``.
+
+    Converted from :func:`export_program` (batch and size fixed; default example 1 x C x 224 x 224)
+    with float32 compute, for iOS 17 / macOS 14 and later. Conversion runs anywhere coremltools
+    installs; running the model needs macOS. Saves the ``.mlpackage`` to ``path`` when given. Raises
+    coremltools' error where an op cannot be converted (see the README's deployment section).
+    """
+    import coremltools as ct
+    if example is None:
+        example = _example(model, (224, 224), 1)
+    program = export_program(model, example, dynamic_batch=False, dynamic_size=False).run_decompositions({})
+    mlmodel = ct.convert(program, convert_to='mlprogram', compute_precision=ct.precision.FLOAT32,
+                         minimum_deployment_target=ct.target.iOS17)
+    if path is not None:
+        mlmodel.save(path)
+    return mlmodel
 
 
 def onnx_opset(path: str) -> int:

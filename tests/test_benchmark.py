@@ -1,7 +1,11 @@
-"""scripts/benchmark.py: what it reports (its numbers are never asserted: speed is not tested by timing)."""
+"""scripts/benchmark.py and scripts/bench_runtimes.py: what they report (their numbers are never asserted: speed is not tested by timing)."""
 import csv
+import importlib.util
+import re
 
-from tests.helpers import load_script
+import pytest
+
+from tests.helpers import SMALL_CONFIG, load_script, one_line_error
 
 benchmark = load_script('benchmark')
 
@@ -56,3 +60,29 @@ def test_gpu_targets_compare_with_swin_b_swin_t_and_rmt_t_at_1536(capsys):
 def test_targets_are_not_printed_without_both_models(capsys):
     benchmark.print_targets([_row('rmt_s', 'infer', 12.0, 100.0)], 'cuda')
     assert 'Targets' not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_runtime_benchmark_times_each_installed_route_with_parity_to_eager(capsys, one_thread):
+    routes = ['eager'] + [r for r, m in (('onnxruntime', 'onnxruntime'), ('openvino', 'openvino'))
+                          if importlib.util.find_spec(m)]
+    bench = load_script('bench_runtimes')
+    bench.main(['--models', 'rmt_t,test_convnext', '--official-config', str(SMALL_CONFIG), '--img-size', '64',
+                '--runtimes', ','.join(routes), '--threads', '1', '--warmup', '0', '--rounds', '1', '--blocks', '2',
+                '--profile', '3'])
+    out = capsys.readouterr().out
+    assert '| route | rmt_t | test_convnext | rmt_t / test_convnext speed |' in out
+    for route in routes:
+        name = bench.ROUTES[route][1]
+        latency = re.search(rf'^\| {name} \| (\d+), (\d+) \| (\d+), (\d+) \| [\d.]+(-[\d.]+)?x \|$', out, re.M)
+        assert latency, f'{name}: no row of two blocks per model and a ratio'
+        diffs = re.search(rf'^\| {name} \| ([\d.e+-]+) \(\d+ s\) \| ([\d.e+-]+) \(\d+ s\) \|$', out, re.M)
+        assert diffs and max(float(d) for d in diffs.groups()) < 1e-4, name
+    assert 'Eager PyTorch, torch.profiler self CPU time by op' in out
+    assert ('ONNX Runtime (classic export), node time by op type' in out) == ('onnxruntime' in routes)
+    assert re.search(r'^\| total \| [\d.]+ \| \d+ \| [\d.]+ \| \d+ \| [+-][\d.]+ \|$', out, re.M)
+
+
+def test_runtime_benchmark_refuses_an_unknown_runtime_in_one_line(capsys):
+    error = one_line_error(capsys, load_script('bench_runtimes').main, ['--runtimes', 'eager,tensorrt'])
+    assert 'expected runtimes among eager,onnxruntime' in error
