@@ -13,6 +13,7 @@ from timm.layers import DropPath, LayerScale, fast_layer_norm
 from timm.models import checkpoint as grad_checkpoint
 
 from .attention import AttentionPlan, MaSA2d, plan_masa
+from .attention.layers import channels_first
 from .attention.backends import autocast_dtype
 from .position import PositionTables, RelPos
 
@@ -52,7 +53,7 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        return self.norm(self.conv(channels_first(x))).permute(0, 2, 3, 1)
 
 
 class _GeluDWConvFunction(torch.autograd.Function):
@@ -113,7 +114,7 @@ class ResidualDWConv(nn.Module):
         self.register_buffer('identity', identity, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x.permute(0, 3, 1, 2), self.conv.weight + self.identity, self.conv.bias,
+        x = F.conv2d(channels_first(x), self.conv.weight + self.identity, self.conv.bias,
                      padding=self.conv.padding, groups=self.conv.groups)
         return x.permute(0, 2, 3, 1)
 
@@ -133,7 +134,7 @@ class GeluDWConv(ResidualDWConv):
         super().__init__(dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gelu_dwconv(x.permute(0, 3, 1, 2), self.conv.weight + self.identity, self.conv.bias, self.conv.padding[0])
+        x = gelu_dwconv(channels_first(x), self.conv.weight + self.identity, self.conv.bias, self.conv.padding[0])
         return x.permute(0, 2, 3, 1)
 
 

@@ -54,6 +54,11 @@ def check_input(x: torch.Tensor, in_chans: int) -> None:
 torch.fx.wrap('check_input')  # FX graphs check their input when they run
 
 
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
+
+
 @contextmanager
 def _frozen_batchnorm_stats(module: nn.Module):
     """BatchNorm layers in ``module`` normalise as usual but leave their running stats alone.
@@ -427,8 +432,11 @@ class RMT(nn.Module):
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """The conv stem, to channels-last (B, H/4, W/4, C). It runs channels-last, so its convs use the
         faster kernels and the stages get contiguous features. Checkpointed with the blocks: at detection
-        sizes its full-resolution activations are a large share of training memory."""
-        x = x.contiguous(memory_format=torch.channels_last)
+        sizes its full-resolution activations are a large share of training memory. Exported graphs keep
+        the input's layout: a layout is not part of them, and the channels-last convs of a batch traced
+        as 1 would make torch.export assume a batch of 1."""
+        if torch.jit.is_scripting() or not _exporting():
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = _checkpointed_stem(self.stem, x)
         else:

@@ -27,7 +27,7 @@ from torch import nn
 
 __all__ = ['decay_rates', 'rotary_angles', 'raster_positions', 'rotary_tables', 'rotation_pairs',
            'rotation_to_sin_cos', 'axis_distance', 'axis_bias', 'manhattan_bias', 'decay_bias', 'theta_shift',
-           'theta_shift_reference', 'position_tables', 'PositionTables', 'RelPos']
+           'pair_order', 'pairs_split', 'theta_shift_reference', 'position_tables', 'PositionTables', 'RelPos']
 
 
 class PositionTables(NamedTuple):
@@ -201,16 +201,35 @@ def decay_bias(decay: torch.Tensor, grid: List[int], axis: Optional[int] = None,
 
 def theta_shift(x: torch.Tensor, tables: PositionTables) -> torch.Tensor:
     """Rotary shift ``x * cos + rot(x) * sin`` of (B, *grid, n, d) features (paper eq. 3, the released
-    ``theta_shift``).
+    ``theta_shift``): each channel pair (x0, x1) of a head becomes (x0 c - x1 s, x1 c + x0 s).
 
-    For float32/64 this is one complex multiply of the feature pairs by ``exp(i p a)`` (a single
-    pass over memory); otherwise, and where complex numbers cannot go (TorchScript, tracing,
-    export), the reference formula with the pair swap.
+    For float32/64 in eager mode this is one complex multiply of the pairs by ``exp(i p a)`` (a single
+    pass over memory), in the paper's channel order. Elsewhere (half precision, TorchScript, traced,
+    compiled and exported graphs) it is written with slices and one ``cat``: no reshape that spells the
+    batch, no ``flip`` (which XNNPACK does not take), no tensor above rank 5 (Core ML's limit), and each
+    head's channels come out in :func:`pair_order` (all first members of the pairs, then all second
+    ones). Attention cannot tell the two orders apart when q and k share one (q . k sums over the
+    channels); :func:`pair_order` puts unrotated tokens in the same order (:func:`pairs_split`).
     """
-    if not torch.jit.is_scripting() and _use_complex(x, tables.rotation):
+    if not pairs_split(x, tables):
         pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
         return torch.view_as_real(pairs * torch.view_as_complex(tables.rotation)).flatten(-2)
-    return theta_shift_reference(x, tables.sin.to(x.dtype), tables.cos.to(x.dtype))
+    c, s = tables.cos[..., 0::2].to(x.dtype), tables.sin[..., 1::2].to(x.dtype)  # cos(p a), sin(p a)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x0 * c - x1 * s, x1 * c + x0 * s], -1)
+
+
+def pair_order(x: torch.Tensor) -> torch.Tensor:
+    """Each head's channels of (..., d) ``x`` as :func:`theta_shift` leaves them where ``pairs_split``: the
+    first members of the channel pairs, then the second ones."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], -1)
+
+
+def pairs_split(x: torch.Tensor, tables: PositionTables) -> bool:
+    """Whether :func:`theta_shift` returns ``x``'s channels in :func:`pair_order` (else in the paper's order)."""
+    if torch.jit.is_scripting():
+        return True
+    return not _use_complex(x, tables.rotation)
 
 
 def theta_shift_reference(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, inverse: bool = False) -> torch.Tensor:

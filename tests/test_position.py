@@ -6,8 +6,8 @@ import torch
 
 from rmt.checkpoint import load_checkpoint_file
 from rmt.position import (
-    RelPos, axis_bias, decay_bias, decay_rates, manhattan_bias, raster_positions, rotary_angles, theta_shift,
-    theta_shift_reference)
+    RelPos, axis_bias, decay_bias, decay_rates, manhattan_bias, pair_order, pairs_split, raster_positions,
+    rotary_angles, theta_shift, theta_shift_reference)
 from tests.helpers import SMALL_CHECKPOINT, assert_close, tables_for
 
 CPU = torch.device('cpu')
@@ -85,11 +85,17 @@ def test_complex_theta_shift_matches_reference():
     assert_close(theta_shift(x, tables), theta_shift_reference(x, tables.sin, tables.cos), atol=1e-6)
 
 
-def test_theta_shift_without_complex_table_uses_the_reference_formula():
-    tables = tables_for([3, 4], n=2, d=8, dtype=torch.bfloat16, with_full=False)
-    x = torch.randn(1, 3, 4, 2, 8, dtype=torch.bfloat16)
-    assert tables.rotation.numel() == 0
-    assert torch.equal(theta_shift(x, tables), theta_shift_reference(x, tables.sin, tables.cos))
+def test_theta_shift_without_complex_table_gives_the_reference_in_pair_order():
+    tables = tables_for([3, 4], n=2, d=8, dtype=torch.float64, with_full=False)
+    x = torch.randn(1, 3, 4, 2, 8, dtype=torch.float64)
+    reference = theta_shift_reference(x, tables.sin, tables.cos)
+    assert pairs_split(x, tables._replace(rotation=tables.rotation.new_empty(0)))
+    shifted = theta_shift(x, tables._replace(rotation=tables.rotation.new_empty(0)))
+    assert_close(shifted, pair_order(reference), atol=1e-12)
+    assert_close(shifted[..., :4], reference[..., 0::2], atol=1e-12, name='first members of the pairs')
+    # q . k is the same in either order
+    y = torch.randn_like(x)
+    assert_close((shifted * pair_order(y)).sum(-1), (reference * y).sum(-1), atol=1e-12)
 
 
 def test_axis_bias_is_decay_times_distance_along_the_axis():

@@ -176,6 +176,8 @@ def runtime_reason(backend: str, p: Problem, device: torch.device, auto: bool) -
     if backend == 'sdpa':
         if not auto or p.decomposed or (not torch.jit.is_scripting() and _exporting()):
             return None
+        if not torch.jit.is_scripting() and _compiling() and p.num_prefix == 0:
+            return 'compiled graphs take the blocked op for full attention (no guard on the token count)'
         size = torch.empty(0, dtype=p.dtype).element_size()
         batch = p.batch if p.per_token_decay or p.masked else 1
         tokens = _tokens(p.grid) + p.num_prefix

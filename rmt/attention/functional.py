@@ -14,7 +14,7 @@ import torch
 from .backends import AttentionPlan, Problem, autocast_dtype, dispatch_thresholds, plan_attention
 from .paths import blocked_attention, decomposed_attention, full_attention
 from .triton_op import masa_triton
-from ..position import PositionTables, theta_shift
+from ..position import PositionTables, pair_order, pairs_split, theta_shift
 
 __all__ = ['masa', 'masa_attention', 'compute', 'problem_of']
 
@@ -78,14 +78,19 @@ def masa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: Optio
     if plan.impl == 'triton':
         return _masa_triton(q, k, v, lce, tables, num_heads, decomposed, rotate, kernel_config), q.new_empty(0)
     C = q.shape[-1]
-    shape = list(q.shape[:-1]) + [num_heads, C // num_heads]
+    # the batch as -1: exported graphs may hold a batch the trace saw as 1 where the input's is symbolic
+    shape = [-1] + list(q.shape[1:-1]) + [num_heads, C // num_heads]
+    flat = [-1] + list(q.shape[1:-1]) + [C]
     scale = (C // num_heads) ** -0.5
     q, k, v = q.view(shape), k.view(shape), v.view(shape)
+    split = rotate and pairs_split(q, tables)
     if rotate:
         q, k = theta_shift(q, tables), theta_shift(k, tables)
     heads: Optional[List[torch.Tensor]] = None
     if prefix is not None:
         heads = [_heads_first(t, num_heads) for t in prefix]
+        if split:  # the prefix's q and k in the channel order the grid's now have
+            heads = [pair_order(heads[0]), pair_order(heads[1]), heads[2]]
     if decay is None:
         decay, axis_biases, bias = tables.decay, tables.axis_bias, tables.bias
     else:
@@ -96,10 +101,17 @@ def masa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: Optio
     if out_prefix.numel() > 0:
         out_prefix = out_prefix.movedim(1, -2).flatten(-2)
     if lce is None:
-        return out.flatten(-2), out_prefix
+        return out.reshape(flat), out_prefix
+    if not torch.jit.is_scripting() and _graph_capture():
+        return (lce.view(shape) + out).reshape(flat), out_prefix  # an in-place add would replay views at traced sizes
     # in place: the sum keeps the conv output's layout and reads ``out`` in whatever layout the attention
     # kernel left it, with no copy
-    return lce.view(shape).add_(out).flatten(-2), out_prefix
+    return lce.view(shape).add_(out).view(flat), out_prefix
+
+
+@torch.jit.unused
+def _graph_capture() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 @torch.jit.unused

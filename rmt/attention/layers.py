@@ -16,7 +16,7 @@ from .backends import ATTN_IMPLS, AttentionPlan, plan_attention
 from .functional import masa_attention, problem_of
 from ..position import PositionTables, RelPos
 
-__all__ = ['MaSA', 'MaSA1d', 'MaSA2d', 'MaSA3d', 'plan_masa']
+__all__ = ['MaSA', 'MaSA1d', 'MaSA2d', 'MaSA3d', 'plan_masa', 'channels_first']
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _AXES = {1: 'L', 2: 'H, W', 3: 'D, H, W'}
@@ -28,6 +28,21 @@ def plan_masa(requested: str, x: torch.Tensor, grid: List[int], num_heads: int, 
     :func:`rmt.attention.plan_attention`); ``decay``: a decay that replaces the layer's static one."""
     problem = problem_of(x, grid, num_heads, x.shape[-1] // num_heads, decomposed, num_prefix, masked, decay)
     return plan_attention(requested, problem, x.device)
+
+
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, *grid, C) -> the (B, C, *grid) a conv takes: a view of the same memory (channels-last convs); in
+    exported graphs a contiguous tensor, since a layout is not part of them and torch.export, tracing a conv
+    on a channels-last view of a batch of 1, would take the batch for 1."""
+    x = x.movedim(-1, 1)
+    if not torch.jit.is_scripting() and _exporting():
+        x = x.contiguous()
+    return x
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
 
 
 # FX graphs (torchvision's feature extraction) plan and attend at run time: one node each
@@ -212,7 +227,7 @@ class MaSA(nn.Module):
             v = v.masked_fill(~mask[:, self.num_prefix_tokens:].reshape(list(v.shape[:-1]) + [1]), 0)
         lce: Optional[torch.Tensor] = None
         if self.lce is not None:
-            lce = self.lce(v.movedim(-1, 1)).movedim(1, -1)
+            lce = self.lce(channels_first(v)).movedim(1, -1)
         out, out_prefix = masa_attention(q, k, v, lce, tables, plan, self.num_heads, self.decomposed,
                                          self.theta_shift, decay, prefix, mask)
         if tokens:

@@ -47,7 +47,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
     # biases are 4-D (rmt.position): the fused CPU kernel takes no 3-D mask, and a 4-D view made here of a 3-D
     # table would be a symbolic-size view that Inductor cannot order the strides of in dynamic-shape graphs
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    bias = bias.to(q.dtype)
+    if not torch.jit.is_scripting() and _exporting():
+        # spelled out: sdpa's check of a broadcast mask would make torch.export take a batch traced as 1 for 1
+        bias = bias.expand(q.shape[0], bias.shape[1], bias.shape[2], bias.shape[3])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -89,11 +93,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 def sequences(x: torch.Tensor, axis: int) -> torch.Tensor:
     """(B, n, *grid, d) -> (B * other positions, n, s, d): every sequence of tokens along grid ``axis``.
 
-    A view where the strides allow (an image's rows), else a copy (its columns, unless B == 1); the
-    leading size is left to ``reshape`` (-1), so exported graphs keep the batch symbolic.
+    A view where the strides allow (an image's rows), else a copy (its columns, unless B == 1). In
+    exported graphs always a contiguous copy first: an example batch of 1 would otherwise let the trace
+    record a view whose leading size is the batch's other factor alone.
     """
     x = x.movedim(2 + axis, -2).movedim(1, -3)
+    if not torch.jit.is_scripting() and _exporting():
+        x = x.contiguous()
     return x.reshape(-1, x.shape[-3], x.shape[-2], x.shape[-1])
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
 
 
 def from_sequences(y: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
