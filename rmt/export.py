@@ -85,19 +85,27 @@ def export_program(
 ) -> ExportedProgram:
     """``torch.export.export`` of ``model`` (put in eval mode) with dynamic batch, height and width.
 
-    ``example`` is the input traced with (default: batch 2, 3 x 224 x 224 random; batch and sides must
-    not be 1, which export would specialise). Works for classifiers and for ``features_only`` backbones
-    (the program then returns the list of stage features). ``dynamic_size=False`` fixes height and
-    width to the example's (what fixed-size models such as Swin need, and ExecuTorch and Core ML).
+    ``example`` is the input traced with (default: batch 2, 3 x 224 x 224 random; a dynamic batch and the
+    sides must not be 1, which export would specialise). Works for classifiers and for ``features_only``
+    backbones (the program then returns the list of stage features). ``dynamic_batch=False`` fixes the
+    batch to the example's and ``dynamic_size=False`` height and width (what fixed-size models such as
+    Swin need, and ExecuTorch and Core ML); any combination exports.
+
+    Checks that torch.export cannot prove for every size in the range (divisibility of sizes such as
+    ``20 * ((h - 1) // 4 + 1)`` by ``(h - 1) // 4 + 1`` when a static dimension meets a dynamic one,
+    pytorch#124507) are kept as run-time assertions (``prefer_deferred_runtime_asserts_over_guards``),
+    which hold for every size; without that flag, ``torch.export.export`` refuses a static batch or a
+    static side next to a dynamic one.
     """
     model.eval()
     if example is None:
-        example = _example(model, (224, 224), 2)
+        example = _example(model, (224, 224), 2 if dynamic_batch else 1)
     if dynamic_batch and example.shape[0] == 1:
         raise ValueError('trace a dynamic batch with an example batch of at least 2 (export specialises size 1)')
     with torch.no_grad():
         return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(
-            dynamic_batch, min_size, max_size, max_batch, dynamic_size))
+            dynamic_batch, min_size, max_size, max_batch, dynamic_size),
+            prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def export_onnx(

@@ -166,3 +166,52 @@ def test_export_script_writes_and_reports_the_opset_asked_for(tmp_path):
     assert 'ONNX (opset 17, classic exporter)' in proc.stdout and 'Traceback' not in proc.stderr
     assert onnx_opset(str(tmp_path / 'rmt_t.onnx')) == 17
     assert 'all outputs within 0.0001 of eager' in proc.stdout
+
+
+@pytest.mark.parametrize('dynamic_batch,dynamic_size', [(False, True), (True, False), (False, False)],
+                         ids=['static-batch', 'static-size', 'static'])
+def test_every_combination_of_static_and_dynamic_batch_and_size_exports_and_matches_eager(
+        small, dynamic_batch, dynamic_size):
+    torch.manual_seed(0)
+    example = torch.randn(2 if dynamic_batch else 1, 3, 96, 80)
+    run = export_program(small, example, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size).module()
+    batches = [1, 3] if dynamic_batch else [1]
+    sizes = [(70, 90), (128, 64)] if dynamic_size else [(96, 80)]
+    for b in batches:
+        for h, w in sizes:
+            x = torch.randn(b, 3, h, w)
+            with torch.no_grad():
+                assert max_abs_diff(run(x), _eager(small, x)) < 1e-4, (b, h, w)
+
+
+def test_static_batch_with_a_dynamic_height_exports_through_torch_export_with_deferred_checks(small):
+    """pytorch#124507: torch.export cannot prove that 20 * ((h - 1) // 4 + 1) divides by (h - 1) // 4 + 1;
+    with the checks deferred to run time it exports, and they hold at every height."""
+    x = torch.randn(1, 3, 96, 80)
+    program = torch.export.export(small, (x,), dynamic_shapes=({2: torch.export.Dim('height', min=64, max=512)},),
+                                  prefer_deferred_runtime_asserts_over_guards=True)
+    for h in (64, 130, 257):
+        y = torch.randn(1, 3, h, 80)
+        with torch.no_grad():
+            assert max_abs_diff(program.module()(y), _eager(small, y)) < 1e-4, h
+
+
+def test_default_onnx_exporter_from_a_batch_of_one_runs_every_batch(small, tmp_path):
+    """timm#1844: torch.onnx.export with dynamic_axes from a batch-1 example; no view may keep the batch of 1."""
+    ort = pytest.importorskip('onnxruntime')
+    path = str(tmp_path / 'small.onnx')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(small, (torch.randn(1, 3, 96, 80),), path, input_names=['x'],
+                          dynamic_axes={'x': {0: 'batch', 2: 'height', 3: 'width'}})
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for size in [(1, 3, 96, 80), (2, 3, 96, 80), (3, 3, 70, 90)]:
+        x = torch.randn(size)
+        got = session.run(None, {'x': x.numpy()})[0]
+        assert np.abs(got - _eager(small, x).numpy()).max() < 1e-4, size
+
+
+def test_export_script_fixes_the_batch_with_static_batch(tmp_path):
+    proc = script('export', '--model', 'rmt_t', '--official-config', SMALL_CONFIG, '--static-batch', '--batch', '1',
+                  '--out-dir', tmp_path, '--formats', 'onnx', '--check-sizes', '70x90')
+    assert 'all outputs within 0.0001 of eager' in proc.stdout

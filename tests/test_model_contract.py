@@ -7,6 +7,7 @@ widths, heads, decay settings, layer scale and decomposed/full stages, a fractio
 import copy
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from timm.models import group_parameters
 
 import rmt  # noqa: F401  (registers the models)
 from rmt.model import MODEL_ARGS
-from tests.helpers import small_kwargs
+from tests.helpers import assert_close, small_kwargs
 
 VARIANTS = ['rmt_t', 'rmt_s', 'rmt_b', 'rmt_l']
 TAGGED = ['rmt_t.in1k', 'rmt_s.in1k', 'rmt_s.in1k_tl', 'rmt_b.in1k', 'rmt_b.in1k_tl', 'rmt_l.in1k', 'rmt_l.in1k_tl']
@@ -263,6 +264,28 @@ def test_torchscript_saves_loads_and_matches_eager_at_another_size(name, tmp_pat
     x = torch.randn(2, 3, 96, 80)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('quantized', [False, True], ids=['float', 'quantize_dynamic'])
+@pytest.mark.parametrize('features_only', [False, True], ids=['classifier', 'features_only'])
+def test_torchscript_of_classifiers_and_backbones_and_their_quantized_forms_saves_loads_and_matches(
+        features_only, quantized, tmp_path):
+    """pytorch#32764: what timm scripts, rmt scripts, backbones and quantize_dynamic forms included."""
+    model = timm.create_model('rmt_t', features_only=features_only, **small_kwargs()).eval()
+    if quantized:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # the eager quantization API is deprecated in favour of torchao
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    torch.jit.script(model).save(str(tmp_path / 'scripted.pt'))
+    loaded = torch.jit.load(str(tmp_path / 'scripted.pt'))
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        for got, want in zip(_as_list(loaded(x)), _as_list(model(x)), strict=True):
+            assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def _as_list(out):
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 @pytest.mark.slow

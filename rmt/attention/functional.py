@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .backends import AttentionPlan, Problem, autocast_dtype, dispatch_thresholds, plan_attention
-from .paths import blocked_attention, decomposed_attention, full_attention
+from .paths import blocked_attention, decomposed_attention, full_attention, movedim
 from .triton_op import masa_triton
 from ..position import PositionTables, pair_order, pairs_split, theta_shift
 
@@ -58,7 +58,7 @@ def compute(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def _heads_first(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, *grid, C) -> (B, n, *grid, d), a view."""
-    return x.unflatten(-1, (num_heads, x.shape[-1] // num_heads)).movedim(-2, 1)
+    return movedim(x.unflatten(-1, (num_heads, x.shape[-1] // num_heads)), -2, 1)
 
 
 def masa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: Optional[torch.Tensor],
@@ -95,11 +95,11 @@ def masa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lce: Optio
         decay, axis_biases, bias = tables.decay, tables.axis_bias, tables.bias
     else:
         axis_biases, bias = [], tables.bias.new_empty(0)
-    out, out_prefix = compute(plan, q.movedim(-2, 1), k.movedim(-2, 1), v.movedim(-2, 1), decay, axis_biases, bias,
+    out, out_prefix = compute(plan, movedim(q, -2, 1), movedim(k, -2, 1), movedim(v, -2, 1), decay, axis_biases, bias,
                               scale, decomposed, heads, mask)
-    out = out.movedim(1, -2)
+    out = movedim(out, 1, -2)
     if out_prefix.numel() > 0:
-        out_prefix = out_prefix.movedim(1, -2).flatten(-2)
+        out_prefix = movedim(out_prefix, 1, -2).flatten(-2)
     if lce is None:
         return out.reshape(flat), out_prefix
     if not torch.jit.is_scripting() and _graph_capture():
@@ -219,8 +219,8 @@ def masa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
     default_scale = d ** -0.5
     scale = default_scale if scale is None else float(scale)
     if plan.impl == 'triton':
-        qc = qg.movedim(1, -2).flatten(-2) * (scale / default_scale)
-        kc, vc = [t.movedim(1, -2).flatten(-2) for t in (kg, vg)]
+        qc = movedim(qg, 1, -2).flatten(-2) * (scale / default_scale)
+        kc, vc = [movedim(t, 1, -2).flatten(-2) for t in (kg, vg)]
         out = _heads_first(masa_triton(qc, kc.contiguous(), vc.contiguous(), None, None, decay, n, decomposed), n)
         out_prefix = q.new_empty(0)
     else:

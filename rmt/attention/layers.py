@@ -14,6 +14,7 @@ from torch import nn
 
 from .backends import ATTN_IMPLS, AttentionPlan, plan_attention
 from .functional import masa_attention, problem_of
+from .paths import movedim
 from ..position import PositionTables, RelPos
 
 __all__ = ['MaSA', 'MaSA1d', 'MaSA2d', 'MaSA3d', 'plan_masa', 'channels_first']
@@ -34,7 +35,7 @@ def channels_first(x: torch.Tensor) -> torch.Tensor:
     """(B, *grid, C) -> the (B, C, *grid) a conv takes: a view of the same memory (channels-last convs); in
     exported graphs a contiguous tensor, since a layout is not part of them and torch.export, tracing a conv
     on a channels-last view of a batch of 1, would take the batch for 1."""
-    x = x.movedim(-1, 1)
+    x = movedim(x, -1, 1)
     if not torch.jit.is_scripting() and _exporting():
         x = x.contiguous()
     return x
@@ -179,7 +180,7 @@ class MaSA(nn.Module):
         if grid is None:
             grid = list(x.shape[2:]) if self.channels_first else list(x.shape[1:-1])
         if self.channels_first:
-            x = x.movedim(1, -1)
+            x = movedim(x, 1, -1)
         B, P = x.shape[0], self.num_prefix_tokens
         count = 1
         for s in grid:
@@ -199,7 +200,7 @@ class MaSA(nn.Module):
         out = self.attend(x, plan, tables, grid if tokens else None, key_mask, decay)
         if key_mask is not None:
             out = out.masked_fill(~key_mask.reshape(list(out.shape[:-1]) + [1]), 0)
-        return out.movedim(-1, 1) if self.channels_first else out
+        return movedim(out, -1, 1) if self.channels_first else out
 
     def _check_decay(self, decay: torch.Tensor, batch: int, count: int) -> torch.Tensor:
         n = self.num_heads
@@ -227,7 +228,7 @@ class MaSA(nn.Module):
             v = v.masked_fill(~mask[:, self.num_prefix_tokens:].reshape(list(v.shape[:-1]) + [1]), 0)
         lce: Optional[torch.Tensor] = None
         if self.lce is not None:
-            lce = self.lce(channels_first(v)).movedim(1, -1)
+            lce = movedim(self.lce(channels_first(v)), 1, -1)
         out, out_prefix = masa_attention(q, k, v, lce, tables, plan, self.num_heads, self.decomposed,
                                          self.theta_shift, decay, prefix, mask)
         if tokens:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..position import axis_bias, decay_bias, manhattan_bias
 
-__all__ = ['attend', 'attention_reference', 'sequences', 'from_sequences', 'full_attention', 'decomposed_attention',
+__all__ = ['attend', 'attention_reference', 'movedim', 'sequences', 'from_sequences', 'full_attention', 'decomposed_attention',
            'blocked_attention', 'masked_value', 'rows_per_block']
 
 
@@ -90,6 +90,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 
 # --- layouts -------------------------------------------------------------------------------------------
 
+def movedim(x: torch.Tensor, source: int, destination: int) -> torch.Tensor:
+    """``x.movedim`` with the dims made non-negative: the classic (tracing) ONNX exporter writes a wrong
+    Transpose for negative ones."""
+    return x.movedim(source % x.dim(), destination % x.dim())
+
+
 def sequences(x: torch.Tensor, axis: int) -> torch.Tensor:
     """(B, n, *grid, d) -> (B * other positions, n, s, d): every sequence of tokens along grid ``axis``.
 
@@ -97,7 +103,7 @@ def sequences(x: torch.Tensor, axis: int) -> torch.Tensor:
     exported graphs always a contiguous copy first: an example batch of 1 would otherwise let the trace
     record a view whose leading size is the batch's other factor alone.
     """
-    x = x.movedim(2 + axis, -2).movedim(1, -3)
+    x = movedim(movedim(x, 2 + axis, -2), 1, -3)
     if not torch.jit.is_scripting() and _exporting():
         x = x.contiguous()
     return x.reshape(-1, x.shape[-3], x.shape[-2], x.shape[-1])
@@ -113,7 +119,7 @@ def from_sequences(y: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tens
     grid = list(like.shape[2:-1])
     other = grid[:axis] + grid[axis + 1:]
     y = y.reshape([-1] + other + [y.shape[1], y.shape[2], y.shape[3]])
-    return y.movedim(-3, 1).movedim(-2, 2 + axis)
+    return movedim(movedim(y, -3, 1), -2, 2 + axis)
 
 
 def _repeat_per_sequence(x: torch.Tensor, count: int) -> torch.Tensor:
@@ -129,7 +135,7 @@ def _key_padding(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _grid_mask_sequences(mask: torch.Tensor, axis: int) -> torch.Tensor:
     """(B, *grid) -> (S, s) in :func:`sequences` order."""
-    mask = mask.movedim(1 + axis, -1)
+    mask = movedim(mask, 1 + axis, -1)
     return mask.reshape(-1, mask.shape[-1])
 
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import kernels
-from .paths import attention_reference, blocked_attention, decomposed_attention, from_sequences, sequences
+from .paths import attention_reference, blocked_attention, decomposed_attention, from_sequences, movedim, sequences
 from ..position import axis_bias, rotation_to_sin_cos, theta_shift_reference
 
 __all__ = ['masa_triton', 'kernel_failures', 'clear_kernel_failures', 'configuration_failed', 'config_key']
@@ -91,12 +91,12 @@ def _guarded(key: Tuple, direction: str, q: torch.Tensor, launches: List) -> boo
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, *grid, C) -> the heads-first view (B, n, *grid, d)."""
-    return x.unflatten(-1, (num_heads, -1)).movedim(-2, 1)
+    return movedim(x.unflatten(-1, (num_heads, -1)), -2, 1)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """(B, n, *grid, d) -> (B, *grid, C)."""
-    return x.movedim(1, -2).flatten(-2)
+    return movedim(x, 1, -2).flatten(-2)
 
 
 def _shifted(x: torch.Tensor, rotation: torch.Tensor, num_heads: int, dtype: torch.dtype,
@@ -110,7 +110,7 @@ def _shifted(x: torch.Tensor, rotation: torch.Tensor, num_heads: int, dtype: tor
 
 def _fallback_forward(q, k, v, residual, rotation, decay, num_heads: int, decomposed: bool) -> torch.Tensor:
     scale = (q.shape[-1] // num_heads) ** -0.5
-    qr, kr = [_shifted(t, rotation, num_heads, q.dtype).movedim(-2, 1) for t in (q, k)]
+    qr, kr = [movedim(_shifted(t, rotation, num_heads, q.dtype), -2, 1) for t in (q, k)]
     vh = _heads(v, num_heads)
     if decomposed or q.dim() == 3:
         out, _ = decomposed_attention(qr, kr, vh, decay, [], scale, 'sdpa')
@@ -132,7 +132,7 @@ def _fallback_backward(grad, q, k, v, rotation, decay, num_heads: int, decompose
     """The op's gradients with torch operators (float32 math for half precision inputs)."""
     dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     scale = (q.shape[-1] // num_heads) ** -0.5
-    qr, kr = [_shifted(t, rotation, num_heads, dtype).movedim(-2, 1) for t in (q, k)]
+    qr, kr = [movedim(_shifted(t, rotation, num_heads, dtype), -2, 1) for t in (q, k)]
     vh, gh = _heads(v.to(dtype), num_heads), _heads(grad.to(dtype), num_heads)
     grid = list(q.shape[1:-1])
     if decomposed or len(grid) == 1:
