@@ -502,8 +502,10 @@ def _masa_op(
     q, k, v, lce = q.contiguous(), k.contiguous(), v.contiguous(), lce.contiguous()
     cfg = kernels.KernelConfig(*config)
     scale = (q.shape[-1] // num_heads) ** -0.5
-    out, stats, launches = kernels.masa_forward(q, k, v, lce, rotation.contiguous(), decay.contiguous(), scale,
-                                                num_heads, decomposed, keep_stats, ieee, cfg)
+    out, stats, launches = kernels.masa_forward(
+        _depth(q), _depth(k), _depth(v), _depth(lce), rotation.contiguous().unsqueeze(0), decay.contiguous(), scale,
+        num_heads, kernels.pass_modes(2, decomposed), keep_stats, ieee, cfg)
+    out = out.squeeze(1)
     stats = stats + [q.new_zeros(0, dtype=torch.float32)] * (2 - len(stats))
     if q.numel() == 0:
         return out, stats[0], stats[1]
@@ -515,7 +517,8 @@ def _masa_op(
 
 @_masa_op.register_fake
 def _(q, k, v, lce, rotation, decay, num_heads, decomposed, keep_stats, ieee, config):
-    shapes = kernels.stats_shapes(q, num_heads, decomposed, keep_stats, kernels.KernelConfig(*config)) + [(0,)]
+    shapes = kernels.stats_shapes(_depth(q), num_heads, kernels.pass_modes(2, decomposed), keep_stats,
+                                  kernels.KernelConfig(*config)) + [(0,)]
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty(shapes[0], dtype=torch.float32), q.new_empty(shapes[1], dtype=torch.float32)
 
@@ -534,11 +537,12 @@ def _masa_backward_op(
     scale = (q.shape[-1] // num_heads) ** -0.5
     key = _config_key(q.device, q.dtype, *q.shape[1:], num_heads, decomposed, config)
     if key not in _kernel_failures:
-        stats = [stats0, stats1][:len(kernels.pass_modes(decomposed))]
-        dq, dk, dv, launches = kernels.masa_backward(grad, q, k, v, out, lce, stats, rotation, decay, scale,
-                                                     num_heads, decomposed, ieee, cfg)
+        passes = kernels.pass_modes(2, decomposed)
+        dq, dk, dv, launches = kernels.masa_backward(
+            _depth(grad), _depth(q), _depth(k), _depth(v), _depth(out), _depth(lce), [stats0, stats1][:len(passes)],
+            rotation.unsqueeze(0), decay, scale, num_heads, passes, ieee, cfg)
         if _guarded(key, 'backward', q, launches):
-            return dq, dk, dv
+            return dq.squeeze(1), dk.squeeze(1), dv.squeeze(1)
     return _fallback_backward(grad, q, k, v, rotation, decay, num_heads, decomposed)
 
 
@@ -549,7 +553,12 @@ def _(grad, q, k, v, out, lce, stats0, stats1, rotation, decay, num_heads, decom
 
 def _last_pass_looped(q: torch.Tensor, decomposed: bool, config: List[int]) -> bool:
     H, W = q.shape[1], q.shape[2]
-    return kernels.looped('cols' if decomposed else 'full', H, W, kernels.KernelConfig(*config))
+    return kernels.looped(kernels.pass_modes(2, decomposed)[-1], (1, H, W), kernels.KernelConfig(*config))
+
+
+def _depth(x: torch.Tensor) -> torch.Tensor:
+    """A (B, H, W, C) map as the kernels' (B, 1, H, W, C) grid of depth 1 (a view); an empty placeholder as it is."""
+    return x.unsqueeze(1) if x.dim() == 4 else x
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -164,8 +164,7 @@ def sweep(q, k, v, lce, grad, relpos, n, decomposed, device):
     """Times of the Triton path over its settings, passed to the pipeline as a KernelConfig."""
     H, W = q.shape[1:3]
     default = kernels.default_config(q.shape[-1] // n, q.dtype, kernels.target_arch(q.device))
-    if kernels.looped('rows' if decomposed else 'full', H, W, default) or \
-            (decomposed and kernels.looped('cols', H, W, default)):
+    if any(kernels.looped(mode, (1, H, W), default) for mode in kernels.pass_modes(2, decomposed)):
         grid = [default._replace(block_m=m, block_n=nb, num_warps=w, bwd_warps=w)
                 for m, nb, w in itertools.product([64, 128], [32, 64], [4, 8])]
     else:
