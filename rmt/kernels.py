@@ -81,26 +81,26 @@ class KernelConfig(NamedTuple):
     num_stages: int = 3
 
 
-ANY = None  # a settings row for every Triton release without a row of its own
-_WIDE = KernelConfig(tile=32, block_m=32, block_n=32, num_stages=1)
+ANY = None  # the row for every Triton release without a row of its own
 # (padded head dim, dtype ('half': bfloat16 and float16), arch (90: sm_90 and newer, 80: sm_80 to sm_89),
-# Triton release) -> settings: the largest tiles with which no kernel spills registers, crashes the
-# compiler or needs more than sm_86's 99 KB of shared memory (benchmarks/kernel_settings.md)
+# Triton release) -> settings: the largest tiles with which no kernel spills registers, crashes the compiler
+# or needs more than sm_86's 99 KB of shared memory; measured in benchmarks/kernel_settings.md
 SETTINGS: Dict[Tuple[int, str, int, Optional[Tuple[int, int]]], KernelConfig] = {
-    (16, 'half', 90, ANY): KernelConfig(),
-    (32, 'half', 90, ANY): KernelConfig(),
-    (64, 'half', 90, ANY): _WIDE,
-    (64, 'half', 90, (3, 3)): _WIDE._replace(block_n=16),
-    (16, 'half', 80, ANY): KernelConfig(block_m=32, block_n=32),
-    (32, 'half', 80, ANY): KernelConfig(block_m=32, block_n=32),
-    (64, 'half', 80, ANY): _WIDE,
-    (64, 'half', 80, (3, 3)): _WIDE._replace(block_n=16),
-    (16, 'float32', 90, ANY): _WIDE,
-    (32, 'float32', 90, ANY): _WIDE,
-    (64, 'float32', 90, ANY): _WIDE._replace(block_n=16),
-    (16, 'float32', 80, ANY): _WIDE,
-    (32, 'float32', 80, ANY): _WIDE,
-    (64, 'float32', 80, ANY): _WIDE._replace(block_n=16),
+    # key: KernelConfig(tile, block_m, block_n, num_warps, bwd_warps, num_stages)
+    (16, 'half', 90, ANY):     KernelConfig(64, 64, 64, 4, 4, 3),
+    (32, 'half', 90, ANY):     KernelConfig(64, 64, 64, 4, 4, 3),
+    (64, 'half', 90, ANY):     KernelConfig(32, 32, 32, 4, 4, 1),
+    (64, 'half', 90, (3, 3)):  KernelConfig(32, 32, 16, 4, 4, 1),
+    (16, 'half', 80, ANY):     KernelConfig(64, 32, 32, 4, 4, 3),
+    (32, 'half', 80, ANY):     KernelConfig(64, 32, 32, 4, 4, 3),
+    (64, 'half', 80, ANY):     KernelConfig(32, 32, 32, 4, 4, 1),
+    (64, 'half', 80, (3, 3)):  KernelConfig(32, 32, 16, 4, 4, 1),
+    (16, 'float32', 90, ANY):  KernelConfig(32, 32, 32, 4, 4, 1),
+    (32, 'float32', 90, ANY):  KernelConfig(32, 32, 32, 4, 4, 1),
+    (64, 'float32', 90, ANY):  KernelConfig(32, 32, 16, 4, 4, 1),
+    (16, 'float32', 80, ANY):  KernelConfig(32, 32, 32, 4, 4, 1),
+    (32, 'float32', 80, ANY):  KernelConfig(32, 32, 32, 4, 4, 1),
+    (64, 'float32', 80, ANY):  KernelConfig(32, 32, 16, 4, 4, 1),
 }
 
 

@@ -63,10 +63,10 @@ def parse_args(argv=None):
     p.add_argument('--shape', default=None, metavar='B,[D,]H,W,C,HEADS,FORM',
                    help='one layer shape instead of the cases (FORM: decomposed or full; a 3-D grid with D), '
                         'e.g. 2,7,7,64,2,full or 1,3,5,7,64,2,full')
-    p.add_argument('--cases', default=','.join(CASES),
-                   help='comma-separated, from ' + ', '.join(f'{k} ({m} at {s} px, batch {b})' for k, (m, s, b)
-                                                          in MODELS.items()) + f', dims (head dims {HEAD_DIMS}), '
-                   + ', '.join(f'{k} ({text})' for k, text in GRID_CASES.items()))
+    models = [f'{k} ({m} at {s} px, batch {b})' for k, (m, s, b) in MODELS.items()]
+    grids = [f'{k} ({text})' for k, text in GRID_CASES.items()]
+    p.add_argument('--cases', default=','.join(CASES), help='comma-separated, from ' + ', '.join(
+        models + [f'dims (head dims {HEAD_DIMS})'] + grids))
     return p.parse_args(argv)
 
 
@@ -188,8 +188,9 @@ class _TargetDriver:
 def kernel_label(launch) -> str:
     """The kernel's name, its pass and flags, e.g. ``fwd_loop d +res +lse``."""
     cx = launch.constexprs
-    flags = ''.join(f' {flag}' for flag, on in (('+res', cx.get('HAS_RES')), ('+lse', cx.get('STORE_LSE')),
-                                                 ('+acc', cx.get('ACCUMULATE')), ('-rot', not cx['ROTATE'])) if on)
+    flags = [('+res', cx.get('HAS_RES')), ('+lse', cx.get('STORE_LSE')), ('+acc', cx.get('ACCUMULATE')),
+             ('-rot', not cx['ROTATE'])]
+    flags = ''.join(f' {flag}' for flag, on in flags if on)
     name = launch.kernel.fn.__name__.strip('_').replace('_kernel', '')
     return f'{name} {"w h d full".split()[cx["MODE"]]}{flags}'
 

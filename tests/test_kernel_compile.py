@@ -55,8 +55,8 @@ def test_the_grid_cases_compile_every_kernel_for_every_pass():
     labels = set()
     for case in check.GRID_CASES:
         for layer in check.stage_shapes(case, torch.bfloat16, 90):
-            labels.update(check.kernel_label(launch) for launch in check.stage_launches(layer, torch.bfloat16, False,
-                                                                                         90))
+            launches = check.stage_launches(layer, torch.bfloat16, False, 90)
+            labels.update(check.kernel_label(launch) for launch in launches)
     kernels_ = ('fwd_tile', 'fwd_loop', 'bwd_tile', 'bwd_dq', 'bwd_dkdv')
     passes = {label.split()[1] for label in labels}
     assert passes == {'w', 'h', 'd', 'full'}
@@ -91,4 +91,3 @@ def test_a_3d_grid_with_a_looped_depth_pass_compiles_without_spilling():
 ])
 def test_wrong_arguments_end_in_one_line(capsys, args, message):
     assert one_line_error(capsys, load_script('check_kernels').main, args) == f'PROG: error: {message}'
-

@@ -97,6 +97,7 @@ def test_default_settings_shrink_key_blocks_where_the_compiler_would_spill():
     assert kernels.default_config(16, fp32, 90, (3, 8)) == kernels.KernelConfig(32, 32, 32, num_stages=1)
     assert kernels.default_config(16, bf16, 80, (3, 8)) == kernels.KernelConfig(block_m=32, block_n=32)
     assert kernels.default_config(16, bf16, 90, (3, 8)) == kernels.KernelConfig()
+    assert kernels.default_config(48, bf16, 90, (4, 0)).block_n == 32  # a release without rows of its own: ANY's
 
 
 # --- the passes over 1-, 2- and 3-D grids, against a float64 torch reference -------------------------------
