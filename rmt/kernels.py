@@ -382,16 +382,16 @@ if triton is not None:
 
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # [BLOCK_M] running max
         l_i = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M] running sum
-        acc = tl.zeros([BLOCK_M, HD_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_M, HD_PAD], tl.float32)  # [BLOCK_M, HD_PAD] running output
         for start in range(0, L, BLOCK_N):
             k, v, t_k = _keys(K, V, ROT, start, seq, head, D, H, W, C, HD, HD_PAD, L, MODE, ROTATE, INT64,
                               BLOCK_N)  # [BLOCK_N, HD_PAD], [BLOCK_N, HD_PAD], [BLOCK_N]
             k0, k1, k2 = _coords(t_k, slope, D, H, W, MODE)  # [BLOCK_N]
             s = _logits(q, k.to(v.dtype), _bias(q0, q1, q2, k0, k1, k2, D, MODE), t_k < L, IEEE,
                         L % BLOCK_N != 0)  # [BLOCK_M, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
             p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
-            alpha = tl.exp2(m_i - m_new)
+            alpha = tl.exp2(m_i - m_new)  # [BLOCK_M] rescale of what came before
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
@@ -466,7 +466,7 @@ if triton is not None:
         do = do.to(dtype)
         lse = tl.load(LSE + row_q * NUM_HEADS + head, mask=t_q < L, other=0.)  # [BLOCK_M]
 
-        dq = tl.zeros([BLOCK_M, HD_PAD], tl.float32)
+        dq = tl.zeros([BLOCK_M, HD_PAD], tl.float32)  # [BLOCK_M, HD_PAD]
         for start in range(0, L, BLOCK_N):
             k, v, t_k = _keys(K, V, ROT, start, seq, head, D, H, W, C, HD, HD_PAD, L, MODE, ROTATE, INT64,
                               BLOCK_N)  # [BLOCK_N, HD_PAD], [BLOCK_N, HD_PAD], [BLOCK_N]
@@ -501,8 +501,8 @@ if triton is not None:
         v = tl.load(V + offs_k, mask=mask_k, other=0.)  # [BLOCK_N, HD_PAD]
         k0, k1, k2 = _coords(t_k, slope, D, H, W, MODE)  # [BLOCK_N]
 
-        dk = tl.zeros([BLOCK_N, HD_PAD], tl.float32)
-        dv = tl.zeros([BLOCK_N, HD_PAD], tl.float32)
+        dk = tl.zeros([BLOCK_N, HD_PAD], tl.float32)  # [BLOCK_N, HD_PAD]
+        dv = tl.zeros([BLOCK_N, HD_PAD], tl.float32)  # [BLOCK_N, HD_PAD]
         for start in range(0, L, BLOCK_M):
             t_q = start + tl.arange(0, BLOCK_M)  # [BLOCK_M]
             pos_q, row_q = _tokens(seq, t_q, t_q < L, D, H, W, MODE, INT64)  # [BLOCK_M]
