@@ -109,9 +109,7 @@ def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90,
     """The settings the op uses for heads of ``head_dim`` in ``dtype`` on compute capability ``arch``
     (major * 10 + minor; the interpreter counts as 90) with Triton ``release`` ((major, minor), the
     installed one by default): the row of :data:`SETTINGS` for the padded head dim, the release's own
-    row where it has one. Measured with ``scripts/check_kernels.py`` for Triton 3.2, 3.3, 3.6 and 3.8
-    in bfloat16 and float16, and 3.8 in tf32 float32 (before 3.8 some tf32 kernels spill, see
-    :data:`FLOAT32_MIN_TRITON`); the numbers are in ``benchmarks/kernel_settings.md``.
+    row where it has one, else the ``ANY`` row. Why each row: ``benchmarks/kernel_settings.md``.
     """
     padded = max(16, 1 << (head_dim - 1).bit_length())
     release = triton_version() if release is None else release
