@@ -96,6 +96,7 @@ SETTINGS: Dict[Tuple[int, str, int, Optional[Tuple[int, int]]], KernelConfig] = 
     (32, 'half', 80, ANY):     KernelConfig(64, 32, 32, 4, 4, 3),
     (32, 'half', 80, (3, 3)):  KernelConfig(64, 32, 32, 4, 8, 3),
     (64, 'half', 80, ANY):     KernelConfig(32, 32, 32, 4, 4, 1),
+    (64, 'half', 80, (3, 2)):  KernelConfig(32, 32, 32, 4, 8, 1),
     (64, 'half', 80, (3, 3)):  KernelConfig(32, 32, 16, 4, 4, 1),
     (16, 'float32', 90, ANY):  KernelConfig(32, 32, 32, 4, 4, 1),
     (32, 'float32', 90, ANY):  KernelConfig(32, 32, 32, 4, 4, 1),
@@ -347,7 +348,6 @@ if triton is not None:
     ):
         """Attention of PACK short sequences of one head, all in one tile: their keys are their queries."""
         head, _, group = _program(NUM_HEADS, 1)
-        slope = _slope(DECAY, head)
         t, seg, seq = _packed(group, SEQS, L, PACK, BLOCK)  # [BLOCK]
         pos, row = _tokens(seq, t, seg < PACK, D, H, W, MODE, INT64)  # [BLOCK]
         offs, mask = _offsets(row, seg < PACK, head, C, HD, HD_PAD)  # [BLOCK, HD_PAD]
@@ -355,7 +355,7 @@ if triton is not None:
         q = _load_rotated(Q, offs, mask, ROT, pos, BLOCK, HD, HD_PAD, ROTATE)  # [BLOCK, HD_PAD] float32
         k = _load_rotated(K, offs, mask, ROT, pos, BLOCK, HD, HD_PAD, ROTATE).to(dtype)  # [BLOCK, HD_PAD]
         v = tl.load(V + offs, mask=mask, other=0.)  # [BLOCK, HD_PAD]
-        s = _tile_logits((q * qk_scale).to(dtype), k, t, seg, slope, D, H, W, L, PACK, BLOCK, MODE,
+        s = _tile_logits((q * qk_scale).to(dtype), k, t, seg, _slope(DECAY, head), D, H, W, L, PACK, BLOCK, MODE,
                          IEEE)  # [BLOCK, BLOCK]
         p = tl.exp2(s - tl.max(s, 1)[:, None])  # [BLOCK, BLOCK]
         out = _dot(p.to(v.dtype), v, IEEE) / tl.sum(p, 1)[:, None]  # [BLOCK, HD_PAD]
@@ -414,7 +414,6 @@ if triton is not None:
         """Gradients of PACK short sequences of one head in one tile; the softmax is recomputed in registers
         and ``delta = rowsum(P * dP)`` needs no output."""
         head, _, group = _program(NUM_HEADS, 1)
-        slope = _slope(DECAY, head)
         t, seg, seq = _packed(group, SEQS, L, PACK, BLOCK)  # [BLOCK]
         pos, row = _tokens(seq, t, seg < PACK, D, H, W, MODE, INT64)  # [BLOCK]
         offs, mask = _offsets(row, seg < PACK, head, C, HD, HD_PAD)  # [BLOCK, HD_PAD]
@@ -423,7 +422,7 @@ if triton is not None:
         k = _load_rotated(K, offs, mask, ROT, pos, BLOCK, HD, HD_PAD, ROTATE).to(dtype)  # [BLOCK, HD_PAD]
         v = tl.load(V + offs, mask=mask, other=0.)  # [BLOCK, HD_PAD]
         do = tl.load(DO + offs, mask=mask, other=0.).to(dtype)  # [BLOCK, HD_PAD]
-        s = _tile_logits((q * qk_scale).to(dtype), k, t, seg, slope, D, H, W, L, PACK, BLOCK, MODE,
+        s = _tile_logits((q * qk_scale).to(dtype), k, t, seg, _slope(DECAY, head), D, H, W, L, PACK, BLOCK, MODE,
                          IEEE)  # [BLOCK, BLOCK]
         p = tl.exp2(s - tl.max(s, 1)[:, None])
         p = p / tl.sum(p, 1)[:, None]  # [BLOCK, BLOCK]
