@@ -219,6 +219,8 @@ torch.fx.wrap('plan_masa')  # FX graphs (torchvision's feature extraction) plan 
 class RMTStage(nn.Module):
     """Optional downsampling from the previous stage, then ``depth`` RMT blocks sharing one attention plan and
     one set of position tables (their MaSA layers are configured alike; the first one's ``relpos`` builds them)."""
+    # Python-side conveniences; TorchScript would pin their return types to the first scripted model's classes
+    __jit_unused_properties__ = ['relpos', 'attn_impl']
 
     def __init__(
             self,

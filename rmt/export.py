@@ -273,11 +273,23 @@ def export_coreml(model: nn.Module, path: Optional[str] = None, example: Optiona
     if example is None:
         example = _example(model, (224, 224), 1)
     program = export_program(model, example, dynamic_batch=False, dynamic_size=False).run_decompositions({})
+    _drop_aliases(program)
     mlmodel = ct.convert(program, convert_to='mlprogram', compute_precision=ct.precision.FLOAT32,
                          minimum_deployment_target=ct.target.iOS17)
     if path is not None:
         mlmodel.save(path)
     return mlmodel
+
+
+def _drop_aliases(program) -> None:
+    """Replace ``aten.alias`` nodes (identity views left where a reshape keeps the shape at fixed sizes) by
+    their input: coremltools converts no ``alias``, and an inference graph never writes through one."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == 'call_function' and node.target == torch.ops.aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    program.graph_module.recompile()
 
 
 def onnx_opset(path: str) -> int:

@@ -11,7 +11,7 @@ decayed attention and the LCE add, along each path asked for. Forward alone and 
 medians of CUDA-event timings (``triton.testing.do_bench``) on a GPU, of wall-clock timings on the
 CPU. The floor column is the time to move the op's inputs and output through memory once at the
 measured copy bandwidth; ``--sweep`` also times the Triton kernels' tile, block and warp settings
-(:class:`rmt.kernels.KernelConfig`).
+(:class:`rmt.attention.kernels.KernelConfig`).
 
 A path that cannot run here ends the script with one line and exit code 2 (e.g. ``triton`` on a CPU
 without ``TRITON_INTERPRET=1``).
@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from rmt import kernels
+from rmt.attention import kernels
 from rmt.attention import ATTN_IMPLS, AttentionPlan, kernel_failures, masa_attention
-from rmt.cli import ArgumentParser, ScriptError, available_device, positive_int, run_main
+from rmt.tools.cli import ArgumentParser, ScriptError, available_device, positive_int, run_main
 from rmt.model import MODEL_ARGS
-from rmt.position import RelPos2d
+from rmt.position import RelPos
 
 PATHS = [p for p in ATTN_IMPLS if p != 'auto']
 
@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """A :class:`~rmt.cli.ScriptError` (one line, exit 2) for what cannot run as asked."""
+    """A :class:`~rmt.tools.cli.ScriptError` (one line, exit 2) for what cannot run as asked."""
     if args.model not in MODEL_ARGS:
         raise ScriptError(f'--model {args.model!r}: unknown model, expected one of {", ".join(MODEL_ARGS)}')
     paths = [p for p in args.paths.split(',') if p]
@@ -93,7 +93,7 @@ def stage_shapes(model: str, size: int):
     for i, (dim, n, decomposed, heads_range) in enumerate(
             zip(args['embed_dims'], args['num_heads'], args['decomposed'], args['heads_ranges'])):
         side = math.ceil(side / 2) if i else side
-        yield i + 1, side, side, dim, n, decomposed, RelPos2d(dim, n, 2, heads_range)
+        yield i + 1, side, side, dim, n, decomposed, RelPos(dim, n, 2, heads_range)
 
 
 def timed(path, q, k, v, lce, grad, relpos, n, decomposed, device, config=None):
@@ -101,10 +101,10 @@ def timed(path, q, k, v, lce, grad, relpos, n, decomposed, device, config=None):
     H, W = q.shape[1:3]
     plan = AttentionPlan(path, torch.float32 if path == 'triton' else q.dtype, not decomposed and path != 'blocked'
                          and path != 'triton')
-    tables = relpos.build(H, W, q.device, plan.table_dtype, plan.needs_2d_bias)
+    tables = relpos.build([H, W], q.device, plan.table_dtype, plan.needs_full_bias)
 
     def step():
-        return masa_attention(q, k, v, lce * 1, tables, plan, n, decomposed, config)
+        return masa_attention(q, k, v, lce * 1, tables, plan, n, decomposed, kernel_config=config)[0]
 
     def fwd():
         with torch.no_grad():
@@ -164,8 +164,7 @@ def sweep(q, k, v, lce, grad, relpos, n, decomposed, device):
     """Times of the Triton path over its settings, passed to the pipeline as a KernelConfig."""
     H, W = q.shape[1:3]
     default = kernels.default_config(q.shape[-1] // n, q.dtype, kernels.target_arch(q.device))
-    if kernels.looped('rows' if decomposed else 'full', H, W, default) or \
-            (decomposed and kernels.looped('cols', H, W, default)):
+    if any(kernels.looped(mode, (1, H, W), default) for mode in kernels.pass_modes(2, decomposed)):
         grid = [default._replace(block_m=m, block_n=nb, num_warps=w, bwd_warps=w)
                 for m, nb, w in itertools.product([64, 128], [32, 64], [4, 8])]
     else:

@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import timm
 
-from rmt.cli import (
+from rmt.tools.cli import (
     ArgumentParser, ScriptError, add_model_args, model_kwargs_from_args, model_name, non_negative_int, positive_int,
     run_main)
 from rmt.export import (

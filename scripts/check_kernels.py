@@ -5,14 +5,17 @@
     python scripts/check_kernels.py --arch 80 --dtype float16 --cases t224
 
 For every kernel configuration that the chosen cases launch (by default ``rmt_t`` and ``rmt_s`` at
-224 px, batch 8, and ``rmt_t`` at 1536 px, batch 1; forward with and without saved statistics, and
-backward), the launches come from :func:`rmt.kernels.masa_forward` / :func:`rmt.kernels.masa_backward`
-as the op would issue them, and are compiled with Triton's own ``warmup`` against a stand-in driver
-that reports the target. Triton's bundled ``cuobjdump`` reads each cubin. Printed per kernel:
-registers per thread, spill stack bytes, shared memory bytes, SASS instructions per warp.
-A kernel's flags: ``+lce``, the pass that carries the LCE output (the forward adds it as it stores,
-the dq kernel subtracts it from the output for ``delta``); ``+lse``, the forward keeps the
-log-sum-exp for backward; ``+acc``, the backward adds into the gradient an earlier pass wrote.
+224 px, batch 8, and ``rmt_t`` at 1536 px, batch 1; padded head dims; 1-D sequences, 3-D grids
+decomposed (with the depth pass) and full, and 2-D grids without the theta shift, each in tiles and
+looped; forward with and without saved statistics, and backward), the launches come from
+:func:`rmt.attention.kernels.masa_forward` / :func:`rmt.attention.kernels.masa_backward` as the op would issue them, and
+are compiled with Triton's own ``warmup`` against a stand-in driver that reports the target. Triton's
+bundled ``cuobjdump`` reads each cubin. Printed per kernel: registers per thread, spill stack bytes,
+shared memory bytes, SASS instructions per warp. A kernel's pass is ``w``, ``h``, ``d`` (along W, H,
+D) or ``full``; its flags: ``+res``, the pass that adds the residual (the LCE output: the forward adds
+it as it stores, the dq kernel subtracts it from the output for ``delta``); ``+lse``, the forward
+keeps the log-sum-exp for backward; ``+acc``, the backward adds into the gradient an earlier pass
+wrote; ``-rot``, no theta shift.
 
 Exits 1 when a kernel fails to compile, spills registers, or needs more shared memory than the
 target has; 2 on a usage error (e.g. no Triton, or no ``cuobjdump`` in its nvidia backend).
@@ -23,22 +26,26 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Any, NamedTuple, Tuple
 
 if __name__ == '__main__':  # before Triton decorates the kernels: compile for real, whatever the environment
     os.environ.pop('TRITON_INTERPRET', None)
 
 import torch  # noqa: E402
 
-from rmt import kernels  # noqa: E402
-from rmt.cli import ArgumentParser, ScriptError, run_main  # noqa: E402
+from rmt.attention import kernels  # noqa: E402
+from rmt.tools.cli import ArgumentParser, ScriptError, run_main  # noqa: E402
 from rmt.model import MODEL_ARGS  # noqa: E402
-from rmt.position import RelPos2d  # noqa: E402
+from rmt.position import RelPos  # noqa: E402
 
 MODELS = {'t224': ('rmt_t', 224, 8), 's224': ('rmt_s', 224, 8), 't1536': ('rmt_t', 1536, 1)}
 # head dims beyond the released ones (16, 32): padded (8, 24, 48) and the largest (64), in both forms,
 # with sequences that fit a tile and sequences that loop
 HEAD_DIMS = (8, 24, 48, 64)
-CASES = list(MODELS) + ['dims']
+# the grids beyond the models' 2-D ones, at every padded head dim (16, 32, 64), in tiles and looped
+GRID_CASES = {'1d': '1-D sequences, with and without a residual', '3d': '3-D grids, decomposed and full',
+              'norot': '2-D grids without the theta shift'}
+CASES = list(MODELS) + ['dims'] + list(GRID_CASES)
 # shared memory per block (opt-in maximum, bytes) by compute capability
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
                 100: 227 * 1024, 120: 99 * 1024}
@@ -52,38 +59,80 @@ def parse_args(argv=None):
     p.add_argument('--fp32-precision', default='highest', choices=['highest', 'high'],
                    help="torch.get_float32_matmul_precision() to compile float32 for ('high': tf32 dots)")
     p.add_argument('--config', default='', metavar='KEY=VALUE,...',
-                   help='kernel settings instead of the defaults, e.g. tile=32,num_warps=8 (rmt.kernels.KernelConfig)')
-    p.add_argument('--shape', default=None, metavar='B,H,W,C,HEADS,FORM',
-                   help='one stage shape instead of the cases (FORM: decomposed or full), e.g. 2,7,7,64,2,full')
-    p.add_argument('--cases', default='t224,s224,t1536,dims',
-                   help='comma-separated, from ' + ', '.join(f'{k} ({m} at {s} px, batch {b})' for k, (m, s, b)
-                                                          in MODELS.items()) + f', dims (head dims {HEAD_DIMS})')
+                   help='kernel settings instead of the defaults, e.g. tile=32,num_warps=8 (rmt.attention.kernels.KernelConfig)')
+    p.add_argument('--shape', default=None, metavar='B,[D,]H,W,C,HEADS,FORM',
+                   help='one layer shape instead of the cases (FORM: decomposed or full; a 3-D grid with D), '
+                        'e.g. 2,7,7,64,2,full or 1,3,5,7,64,2,full')
+    models = [f'{k} ({m} at {s} px, batch {b})' for k, (m, s, b) in MODELS.items()]
+    grids = [f'{k} ({text})' for k, text in GRID_CASES.items()]
+    p.add_argument('--cases', default=','.join(CASES), help='comma-separated, from ' + ', '.join(
+        models + [f'dims (head dims {HEAD_DIMS})'] + grids))
     return p.parse_args(argv)
 
 
+class Layer(NamedTuple):
+    """One MaSA layer's shape: batch, a label, the (D, H, W) grid, channels, heads, passes, whether it
+    applies the theta shift and whether its last pass adds a residual."""
+    batch: int
+    stage: Any
+    grid: Tuple[int, int, int]
+    channels: int
+    heads: int
+    passes: Tuple[str, ...]
+    rotate: bool = True
+    residual: bool = True
+
+
 def parse_shape(text: str):
-    """``--shape B,H,W,C,HEADS,FORM`` as (batch, label, H, W, C, heads, decomposed)."""
+    """``--shape B,[D,]H,W,C,HEADS,FORM`` as a :class:`Layer` (a 2-D grid without D)."""
     *numbers, form = text.split(',')
-    if len(numbers) != 5 or not all(n.isdigit() and int(n) > 0 for n in numbers) or form not in ('decomposed', 'full'):
-        raise ScriptError(f'--shape {text!r}: expected B,H,W,C,HEADS,FORM with positive integers and FORM '
+    if len(numbers) not in (5, 6) or not all(n.isdigit() and int(n) > 0 for n in numbers) or \
+            form not in ('decomposed', 'full'):
+        raise ScriptError(f'--shape {text!r}: expected B,[D,]H,W,C,HEADS,FORM with positive integers and FORM '
                           f'decomposed or full')
-    B, H, W, C, heads = map(int, numbers)
+    B, *grid, C, heads = map(int, numbers)
     if C % heads or (C // heads) % 2 or C // heads > kernels.MAX_HEAD_DIM:
         raise ScriptError(f'--shape {text!r}: {C} channels do not split into {heads} heads of an even size up to '
                           f'{kernels.MAX_HEAD_DIM}')
-    return B, 'shape', H, W, C, heads, form == 'decomposed'
+    return Layer(B, 'shape', tuple([1] * (3 - len(grid)) + grid), C, heads,
+                 kernels.pass_modes(len(grid), form == 'decomposed'))
 
 
-def stage_shapes(case: str):
-    """(batch, stage, H, W, C, heads, decomposed) of every MaSA stage shape of a case."""
-    if case.count(',') == 5:
+def grid_layers(case: str, dtype: torch.dtype, arch: int, overrides):
+    """The layers of a case of :data:`GRID_CASES`: at head dims 16, 32 and 64, sequences of ``tile / 2 - 1``
+    tokens (in tiles) and of ``tile + 6`` (looped, ragged last block) under that head dim's settings."""
+    for d in (16, 32, 64):
+        tile = kernels.default_config(d, dtype, arch)._replace(**overrides).tile
+        short, long = tile // 2 - 1, tile + 6
+        if case == '1d':
+            for label, W in (('tile', short), ('loop', long)):
+                for residual in (True, False):
+                    yield Layer(2, f'd{d} {label} W={W}', (1, 1, W), 2 * d, 2, ('w',), True, residual)
+        elif case == '3d':
+            for label, grid, decomposed in (('tile', (3, 5, 7), True), ('loop', (long,) * 3, True),
+                                            ('tile', (2, 3, 5), False), ('loop', (3, 5, 7), False)):
+                yield Layer(1, f'd{d} {label} {"x".join(map(str, grid))}', grid, 2 * d, 2,
+                            kernels.pass_modes(3, decomposed))
+        else:  # norot
+            for label, grid, decomposed in (('tile', (1, short, short), True), ('loop', (1, long, long), True),
+                                            ('tile', (1, 5, 6), False), ('loop', (1, 9, 10), False)):
+                yield Layer(2, f'd{d} {label} {grid[1]}x{grid[2]}', grid, 2 * d, 2,
+                            kernels.pass_modes(2, decomposed), False, not decomposed)
+
+
+def stage_shapes(case: str, dtype: torch.dtype = torch.bfloat16, arch: int = 90, overrides=None):
+    """The :class:`Layer` of every MaSA stage shape of a case."""
+    if ',' in case:
         yield parse_shape(case)
+        return
+    if case in GRID_CASES:
+        yield from grid_layers(case, dtype, arch, overrides or {})
         return
     if case == 'dims':
         for d in HEAD_DIMS:
             for label, H, W, decomposed in (('tile', 20, 20, True), ('loop', 72, 72, True), ('tile', 6, 6, False),
                                             ('loop', 12, 12, False)):
-                yield 2, f'd{d} {label}', H, W, 2 * d, 2, decomposed
+                yield Layer(2, f'd{d} {label}', (1, H, W), 2 * d, 2, kernels.pass_modes(2, decomposed))
         return
     model, size, batch = MODELS[case]
     args = MODEL_ARGS[model]
@@ -91,19 +140,26 @@ def stage_shapes(case: str):
     for i, (dim, heads, decomposed) in enumerate(zip(args['embed_dims'], args['num_heads'], args['decomposed'])):
         if i:
             side = math.ceil(side / 2)
-        yield batch, i + 1, side, side, dim, heads, decomposed
+        yield Layer(batch, i + 1, (1, side, side), dim, heads, kernels.pass_modes(2, decomposed))
 
 
-def stage_launches(B: int, H: int, W: int, C: int, heads: int, decomposed: bool, dtype: torch.dtype, ieee: bool,
-                   arch: int, overrides=None):
-    """Every launch of one MaSA layer on ``sm_<arch>``: forward for inference, forward for training, backward."""
-    q, k, v, lce = [torch.zeros(B, H, W, C, dtype=dtype) for _ in range(4)]
-    tables = RelPos2d(C, heads, 2, 4).build(H, W, torch.device('cpu'), torch.float32, False)
+def stage_launches(layer: Layer, dtype: torch.dtype, ieee: bool, arch: int, overrides=None):
+    """Every launch of one MaSA layer on ``sm_<arch>``: forward for inference, forward for training, backward.
+    The tensors are allocated, never written (compiling reads only their dtypes and alignment)."""
+    B, _, (D, H, W), C, heads, passes, rotate, residual = layer
+    q, k, v, res = [torch.empty(B, D, H, W, C, dtype=dtype) for _ in range(4)]
+    res = res if residual else None
+    if D == 1:  # the model's own tables
+        tables = RelPos(C, heads, 2, 4).build([H, W], torch.device('cpu'), torch.float32, False)
+        rotation, decay = tables.rotation.unsqueeze(0), tables.decay
+    else:
+        rotation, decay = torch.empty(D, H, W, 1, C // heads // 2, 2), torch.full((heads,), -0.5)
+    rotation = rotation if rotate else None
     config = kernels.default_config(C // heads, dtype, arch)._replace(**(overrides or {}))
-    common = (tables.rotation, tables.decay, (C // heads) ** -0.5, heads, decomposed)
-    _, _, inference = kernels.masa_forward(q, k, v, lce, *common, False, ieee, config)
-    out, stats, training = kernels.masa_forward(q, k, v, lce, *common, True, ieee, config)
-    *_, backward = kernels.masa_backward(out, q, k, v, out, lce, stats, *common, ieee, config)
+    common = (rotation, decay, (C // heads) ** -0.5, heads, passes)
+    _, _, inference = kernels.masa_forward(q, k, v, res, *common, False, ieee, config)
+    out, stats, training = kernels.masa_forward(q, k, v, res, *common, True, ieee, config)
+    *_, backward = kernels.masa_backward(out, q, k, v, out, res, stats, *common, ieee, config)
     return inference + training + backward
 
 
@@ -127,6 +183,16 @@ class _TargetDriver:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: 0
+
+
+def kernel_label(launch) -> str:
+    """The kernel's name, its pass and flags, e.g. ``fwd_loop d +res +lse``."""
+    cx = launch.constexprs
+    flags = [('+res', cx.get('HAS_RES')), ('+lse', cx.get('STORE_LSE')), ('+acc', cx.get('ACCUMULATE')),
+             ('-rot', not cx['ROTATE'])]
+    flags = ''.join(f' {flag}' for flag, on in flags if on)
+    name = launch.kernel.fn.__name__.strip('_').replace('_kernel', '')
+    return f'{name} {"w h d full".split()[cx["MODE"]]}{flags}'
 
 
 def compile_only(launch, arch: int):
@@ -185,18 +251,15 @@ def main(argv=None) -> int:
     print('| case | stage | kernel | L | head dim | regs | spill B | shared B | instr/warp |')
     print('|---|---|---|---|---|---|---|---|---|')
     for case in cases:
-        for batch, stage, H, W, C, heads, decomposed in stage_shapes(case):
-            for launch in stage_launches(batch, H, W, C, heads, decomposed, dtype, ieee, args.arch, overrides):
+        for layer in stage_shapes(case, dtype, args.arch, overrides):
+            for launch in stage_launches(layer, dtype, ieee, args.arch, overrides):
                 name = launch.kernel.fn.__name__.strip('_').replace('_kernel', '')
                 key = (name, tuple(sorted(launch.constexprs.items())))
                 if key in seen:
                     continue
                 seen.add(key)
-                cx = launch.constexprs
-                flags = ''.join(f' +{flag}' for flag, key in (('lce', 'HAS_RES'), ('lse', 'STORE_LSE'),
-                                                                  ('acc', 'ACCUMULATE')) if cx.get(key))
-                label = f'| {"shape" if case == args.shape else case} | {stage} | {name} ' \
-                        f'{"rows cols full".split()[cx["MODE"]]}{flags} | {cx["L"]} | {cx["D"]} |'
+                label = f'| {"shape" if case == args.shape else case} | {layer.stage} | {kernel_label(launch)} | ' \
+                        f'{launch.constexprs["L"]} | {launch.constexprs["HD"]} |'
                 try:
                     regs, spill, shared, instr = measure(compile_only(launch, args.arch), tools)
                 except Exception as e:  # noqa: BLE001 (any compile failure is reported, then the exit code says it)

@@ -83,7 +83,7 @@ def parity(args) -> None:
 
     sys.path.insert(0, ROOT)
     from tests.helpers import load_small
-    from rmt import kernels
+    from rmt.attention import kernels
     from rmt.attention import ATTN_IMPLS
     device = torch.device(args.device)
     expected = torch.load(os.path.join(ROOT, 'tests', 'fixtures', 'official_small_expected.pt'), weights_only=True)

@@ -231,7 +231,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
                            f'largest error {error.max().item():.3g} at {list(map(int, torch.nonzero(error == error.max())[0]))}')
 
 
-def tables_for(grid, n=3, d=8, with_full=True, dtype=torch.float32, decay_exponent=2., heads_range=4.):
+def tables_for(grid, n=3, d=8, with_full=True, dtype=torch.float32, decay_exponent=2., heads_range=4., device='cpu'):
     """The position tables of ``n`` heads of ``d`` channels over ``grid`` (a list of sizes)."""
     from rmt.position import RelPos
-    return RelPos(n * d, n, decay_exponent, heads_range).build(list(grid), torch.device('cpu'), dtype, with_full)
+    return RelPos(n * d, n, decay_exponent, heads_range).build(list(grid), torch.device(device), dtype, with_full)

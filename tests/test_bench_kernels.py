@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rmt import kernels
+from rmt.attention import kernels
 from tests.helpers import load_script, one_line_error, script
 
 bench_kernels = load_script('bench_kernels')
@@ -23,8 +23,8 @@ def test_times_every_stage_along_every_path_it_was_asked_for():
     (['-b', '0'], "argument -b/--batch-size: expected a positive integer, got '0'"),
     (['--img-size', '-4'], "argument --img-size: expected a positive integer, got '-4'"),
     (['--threads', 'two'], "argument --threads: expected a positive integer, got 'two'"),
-    (['--paths', 'sdpa,fast'], "--paths 'sdpa,fast': unknown path(s) ['fast'], expected some of reference, sdpa, "
-                               "bmm, blocked, triton"),
+    (['--paths', 'sdpa,fast'], "--paths 'sdpa,fast': unknown path(s) ['fast'], expected some of triton, bmm, "
+                               "sdpa, blocked, reference"),
 ])
 def test_wrong_arguments_end_in_one_line(capsys, args, message):
     assert one_line_error(capsys, bench_kernels.main, ['--device', 'cpu', *args]) == f'PROG: error: {message}'

@@ -10,11 +10,11 @@ import pytest
 import timm
 import torch
 
-from rmt import kernels
-from rmt.attention import (
-    AttentionPlan, _masa_op, clear_kernel_failures, kernel_failures, masa_attention, plan_attention)
-from rmt.position import RelPos2d
-from tests.helpers import load_small
+from rmt.attention import AttentionPlan, clear_kernel_failures, kernel_failures, kernels, masa_attention
+from rmt.attention import plan_attention as plan_problem
+from rmt.attention.functional import problem_of
+from rmt.attention.triton_op import _masa_backward_op, _masa_op
+from tests.helpers import load_small, tables_for as helper_tables
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 needs_kernels = pytest.mark.skipif(kernels.unsupported_reason(torch.device(DEVICE), torch.float32, 16) is not None,
@@ -31,16 +31,22 @@ def fresh_kernel_state():
     clear_kernel_failures()
 
 
-def tables_for(H, W, n, d, dtype=torch.float32, with_2d=True):
-    return RelPos2d(n * d, n, 2., 4.).build(H, W, torch.device(DEVICE), dtype, with_2d)
+def tables_for(H, W, n, d, dtype=torch.float32, with_full=True):
+    return helper_tables([H, W], n, d, with_full, dtype, device=DEVICE)
+
+
+def plan_attention(requested, decomposed, num_heads, x):
+    """The plan of a MaSA call on the channels-last (B, H, W, C) map ``x``."""
+    grid = list(x.shape[1:-1])
+    return plan_problem(requested, problem_of(x, grid, num_heads, x.shape[-1] // num_heads, decomposed), x.device)
 
 
 def masa(impl, q, k, v, lce, n, decomposed, dtype=torch.float32, config=None):
     """The one MaSA pipeline along ``impl``; ``lce`` is not modified."""
     H, W = q.shape[1:3]
     plan = AttentionPlan(impl, dtype, not decomposed and impl != 'triton')
-    return masa_attention(q, k, v, lce * 1, tables_for(H, W, n, q.shape[-1] // n, dtype, plan.needs_2d_bias), plan,
-                          n, decomposed, config)
+    return masa_attention(q, k, v, lce * 1, tables_for(H, W, n, q.shape[-1] // n, dtype, plan.needs_full_bias), plan,
+                          n, decomposed, kernel_config=config)[0]
 
 
 def inputs(B, H, W, C, dtype=torch.float32, seed=0):
@@ -84,8 +90,8 @@ def test_kernel_settings_are_arguments_and_give_the_same_result():
     q, k, v, lce = [t.detach() for t in inputs(1, 3, 40, 32)]
     default = masa('triton', q, k, v, lce, 2, True)
     small_tiles = masa('triton', q, k, v, lce, 2, True, config=kernels.KernelConfig(tile=16, block_m=16, block_n=32))
-    assert kernels.looped('rows', 3, 40, kernels.KernelConfig(tile=16)) and not kernels.looped('rows', 3, 40,
-                                                                                                kernels.KernelConfig())
+    assert kernels.looped('w', (1, 3, 40), kernels.KernelConfig(tile=16))
+    assert not kernels.looped('w', (1, 3, 40), kernels.KernelConfig())
     torch.testing.assert_close(small_tiles, default, rtol=1e-5, atol=2e-5)
 
 
@@ -94,16 +100,142 @@ def test_default_settings_shrink_key_blocks_where_the_compiler_would_spill():
     assert kernels.default_config(48, bf16, 90, (3, 8)) == kernels.KernelConfig(32, 32, 32, num_stages=1)
     assert kernels.default_config(48, bf16, 90, (3, 3)).block_n == 16  # Triton 3.3 spills with 32
     assert kernels.default_config(64, fp32, 80, (3, 8)).block_n == 16  # the float32 dk/dv kernel spills with 32
+    assert kernels.default_config(32, bf16, 80, (3, 3)).bwd_warps == 8  # 3.3 spills in 4-warp backward kernels
     assert kernels.default_config(16, fp32, 90, (3, 8)) == kernels.KernelConfig(32, 32, 32, num_stages=1)
     assert kernels.default_config(16, bf16, 80, (3, 8)) == kernels.KernelConfig(block_m=32, block_n=32)
     assert kernels.default_config(16, bf16, 90, (3, 8)) == kernels.KernelConfig()
+    assert kernels.default_config(48, bf16, 90, (4, 0)).block_n == 32  # a release without rows of its own: ANY's
+
+
+# --- the passes over 1-, 2- and 3-D grids, against a float64 torch reference -------------------------------
+
+def reference_passes(q, k, v, residual, rotation, decay, scale, n, passes):
+    """MaSA's attention along ``passes`` in float64 torch on (B, D, H, W, C) tensors: the theta shift from the
+    (D, H, W, 1, d / 2, 2) table of (cos, sin) pairs (None: none), then each pass's output is the next one's
+    values, with bias decay * (|dd'| + |di'| + |dj'|) in full attention and along one axis in an axis pass."""
+    B, D, H, W, C = q.shape
+    q, k, v = [x.double().unflatten(-1, (n, C // n)) for x in (q, k, v)]  # (B, D, H, W, n, d)
+    if rotation is not None:
+        cos, sin = rotation.double().unbind(-1)  # (D, H, W, 1, d / 2)
+        q, k = [torch.stack((x[..., 0::2] * cos - x[..., 1::2] * sin, x[..., 1::2] * cos + x[..., 0::2] * sin),
+                            -1).flatten(-2) for x in (q, k)]
+    decay = decay.double()[:, None, None]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in (D, H, W)], indexing='ij'), -1)
+    for mode in passes:
+        if mode == 'full':  # (B, n, L, d), all D * H * W tokens
+            qs, ks, vs = [x.flatten(1, 3).transpose(1, 2) for x in (q, k, v)]
+            c = grid.flatten(0, 2)
+            bias = decay * (c[:, None] - c[None]).abs().sum(-1)
+            v = ((qs @ ks.transpose(-2, -1) * scale + bias).softmax(-1) @ vs).transpose(1, 2).unflatten(1, (D, H, W))
+        else:  # (B, ..., n, L, d), the sequences along one axis
+            axis = {'w': 3, 'h': 2, 'd': 1}[mode]
+            qs, ks, vs = [x.movedim(axis, -2) for x in (q, k, v)]
+            t = torch.arange(q.shape[axis], dtype=torch.float64)
+            bias = decay * (t[:, None] - t[None]).abs()
+            v = ((qs @ ks.transpose(-2, -1) * scale + bias).softmax(-1) @ vs).movedim(-2, axis)
+    out = v.flatten(-2)
+    return out if residual is None else out + residual.double()
+
+
+def run_kernels(q, k, v, residual, rotation, decay, scale, n, passes, config, grad=None):
+    """The kernels' output, and with ``grad`` also (dq, dk, dv), on (B, D, H, W, C) tensors."""
+    out, stats, launches = kernels.masa_forward(q, k, v, residual, rotation, decay, scale, n, passes,
+                                                grad is not None, False, config)
+    for launch in launches:
+        launch()
+    if grad is None:
+        return out
+    *grads, launches = kernels.masa_backward(grad, q, k, v, out, residual, stats, rotation, decay, scale, n, passes,
+                                             False, config)
+    for launch in launches:
+        launch()
+    return out, *grads
+
+
+def grid_inputs(B, grid, n, d, rotate, residual, seed=0):
+    """q, k, v, residual (or None), rotation table (or None) and decay of a (B, *grid, n * d) problem."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, res = [torch.randn(B, *grid, n * d, generator=g).to(DEVICE) for _ in range(4)]
+    angles = torch.rand(*grid, 1, d // 2, generator=g) * 6.3
+    rotation = torch.stack((angles.cos(), angles.sin()), -1).to(DEVICE) if rotate else None
+    decay = torch.linspace(-0.2, -1.5, n).to(DEVICE)
+    return q, k, v, res if residual else None, rotation, decay
+
+
+SMALL = kernels.KernelConfig(tile=16, block_m=16, block_n=16)  # sequences over 16 tokens loop
+# (B, (D, H, W), decomposed, heads, head dim, theta shift, residual, settings): 1-D rows packed in a tile, a
+# single token, looped with a ragged last block; 2-D 13x9 both forms; 3-D 3x5x7 decomposed in tiles and full
+# looped, full in one tile, the column and depth passes looped, a 1x1x1 grid; no theta shift; no residual
+GRIDS = [
+    (3, (1, 1, 13), True, 2, 8, True, True, kernels.KernelConfig()),
+    (2, (1, 1, 1), False, 1, 16, True, True, kernels.KernelConfig()),
+    (1, (1, 1, 40), True, 2, 8, False, False, SMALL),
+    (1, (1, 13, 9), True, 2, 8, True, True, kernels.KernelConfig()),
+    (1, (1, 13, 9), False, 1, 16, True, False, kernels.KernelConfig()),
+    (2, (3, 5, 7), True, 2, 8, True, True, kernels.KernelConfig()),
+    (1, (3, 5, 7), False, 2, 8, True, True, kernels.KernelConfig()),
+    (2, (2, 3, 4), False, 2, 8, False, True, kernels.KernelConfig()),
+    (1, (17, 17, 1), True, 1, 16, True, False, SMALL),
+    (1, (1, 1, 1), True, 2, 8, True, True, kernels.KernelConfig()),
+    (1, (3, 5, 7), True, 1, 16, False, False, SMALL),
+]
+
+
+def grid_passes(grid, decomposed):
+    """The passes of a (D, H, W) grid: a 1-D one is (1, 1, W), a 2-D one (1, H, W)."""
+    ndim = 3 if grid[0] > 1 else 2 if grid[1] > 1 else 1
+    return kernels.pass_modes(3 if grid == (1, 1, 1) else ndim, decomposed)
+
+
+@needs_kernels
+@pytest.mark.parametrize('B,grid,decomposed,n,d,rotate,residual,config', GRIDS)
+def test_passes_over_every_grid_match_the_float64_reference(B, grid, decomposed, n, d, rotate, residual, config):
+    q, k, v, res, rotation, decay = grid_inputs(B, grid, n, d, rotate, residual)
+    passes = grid_passes(grid, decomposed)
+    out = run_kernels(q, k, v, res, rotation, decay, d ** -0.5, n, passes, config)
+    want = reference_passes(q, k, v, res, rotation, decay, d ** -0.5, n, passes)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+@needs_kernels
+@pytest.mark.parametrize('B,grid,decomposed,n,d,rotate,residual,config', GRIDS)
+def test_gradients_over_every_grid_match_the_float64_reference(B, grid, decomposed, n, d, rotate, residual, config):
+    q, k, v, res, rotation, decay = grid_inputs(B, grid, n, d, rotate, residual)
+    passes = grid_passes(grid, decomposed)
+    grad = torch.randn_like(q)
+    _, *grads = run_kernels(q, k, v, res, rotation, decay, d ** -0.5, n, passes, config, grad)
+    q64, k64, v64 = [x.double().requires_grad_() for x in (q, k, v)]
+    want = reference_passes(q64, k64, v64, res, rotation, decay, d ** -0.5, n, passes)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double())
+    assert len(grads) == len(want_grads) == 3
+    for name, got, expected in zip('qkv', grads, want_grads, strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=5e-5, msg=lambda m: f'd{name}: {m}')
+
+
+def test_pass_modes_per_number_of_axes():
+    assert kernels.pass_modes(1, True) == kernels.pass_modes(1, False) == ('w',)
+    assert kernels.pass_modes(2, True) == ('w', 'h')
+    assert kernels.pass_modes(3, True) == ('w', 'h', 'd')
+    assert kernels.pass_modes(2, False) == kernels.pass_modes(3, False) == ('full',)
+    with pytest.raises(ValueError, match='MaSA grids have 1, 2 or 3 axes, got 4'):
+        kernels.pass_modes(4, True)
+
+
+def test_statistics_are_kept_for_each_looped_pass_of_a_3d_grid():
+    q = torch.empty(2, 20, 3, 40, 16)
+    shapes = kernels.stats_shapes(q, 2, ('w', 'h', 'd'), True, kernels.KernelConfig(tile=16))
+    assert shapes == [(2 * 20 * 3 * 40, 2), (0,), (2 * 20 * 3 * 40, 2)]  # rows of 40 and depth lines of 20 loop
+    assert kernels.stats_shapes(q, 2, ('full',), False, kernels.KernelConfig()) == [(0,)]
+    assert kernels.looped('d', (20, 3, 40), kernels.KernelConfig(tile=16))
+    assert not kernels.looped('h', (20, 3, 40), kernels.KernelConfig(tile=16))
 
 
 # --- the op's contract -----------------------------------------------------------------------------------
 
 def op_args(B, H, W, n, d, decomposed, keep_stats=True, dtype=torch.float32):
     q, k, v, lce = [t.detach().requires_grad_(keep_stats) for t in inputs(B, H, W, n * d, dtype)]
-    tables = tables_for(H, W, n, d, with_2d=False)
+    tables = tables_for(H, W, n, d, with_full=False)
     return (q, k, v, lce, tables.rotation, tables.decay, n, decomposed, keep_stats, False,
             list(kernels.default_config(d, dtype)))
 
@@ -127,27 +259,28 @@ def test_statistics_of_every_looped_pass_are_written_and_of_no_other_pass_kept()
         first = _masa_op(*args)
         second = _masa_op(*args)
     assert first[1].shape == (3 * 70, 1) and first[2].shape == (0,)  # rows of 70 loop, columns of 3 do not
+    assert first[3].shape == (0,)  # no third pass
     assert torch.isfinite(first[1]).all() and torch.equal(first[1], second[1])
 
 
 @needs_kernels
 def test_backward_op_writes_none_of_its_inputs():
-    from rmt.attention import _masa_backward_op
     q, k, v, lce, rotation, decay, n, decomposed, _, ieee, config = op_args(1, 3, 70, 1, 8, True)
     q, k, v, lce = [t.detach() for t in (q, k, v, lce)]
-    out, rows_stats, cols_stats = _masa_op(q, k, v, lce, rotation, decay, n, decomposed, True, ieee, config)
-    inputs = [torch.randn_like(out), q, k, v, out, lce, torch.full_like(rows_stats, 7.), cols_stats, rotation, decay]
+    out, rows_stats, cols_stats, none = _masa_op(q, k, v, lce, rotation, decay, n, decomposed, True, ieee, config)
+    inputs = [torch.randn_like(out), q, k, v, out, lce, torch.full_like(rows_stats, 7.), cols_stats, none, rotation,
+              decay]
     before = [t.clone() for t in inputs]
     _masa_backward_op(*inputs, n, decomposed, ieee, config)
-    assert len(inputs) == len(before) == 10
+    assert len(inputs) == len(before) == 11
     for got, want in zip(inputs, before, strict=True):
         assert torch.equal(got, want)
 
 
 @needs_kernels
 def test_inference_keeps_no_softmax_statistics():
-    out, rows, cols = _masa_op(*op_args(1, 3, 70, 1, 16, True, keep_stats=False))  # rows of 70 loop
-    assert out.shape == (1, 3, 70, 16) and rows.numel() == cols.numel() == 0
+    out, rows, cols, depth = _masa_op(*op_args(1, 3, 70, 1, 16, True, keep_stats=False))  # rows of 70 loop
+    assert out.shape == (1, 3, 70, 16) and rows.numel() == cols.numel() == depth.numel() == 0
 
 
 @needs_kernels
@@ -342,8 +475,7 @@ def test_a_failing_kernel_falls_back_with_one_warning_to_the_sdpa_path(monkeypat
             second = model(x)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     # one warning per failed configuration (four stage shapes), naming the reason and the fallback
-    assert len(messages) == 4 and all(str(error) in m and 'using the' in m for m in messages), messages
-    assert 'using the sdpa path' in messages[0]
+    assert len(messages) == 4 and all(str(error) in m and 'using torch operators' in m for m in messages), messages
     torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
     assert len(kernel_failures()) == 4
@@ -393,7 +525,7 @@ def test_released_logits_through_the_triton_path(expected, size, monkeypatch):
     model.set_attn_impl('triton')
     with torch.no_grad():
         logits = model(expected[size]['input'].to(DEVICE))
-    assert calls == [True, True, True, False, False, False]  # every block of the 1-2-2-1 config, both forms
+    assert calls == [('w', 'h')] * 3 + [('full',)] * 3  # every block of the 1-2-2-1 config, both forms
     torch.testing.assert_close(logits.cpu(), expected[size]['logits'], rtol=0, atol=1e-4)
 
 

@@ -284,6 +284,15 @@ def test_torchscript_of_classifiers_and_backbones_and_their_quantized_forms_save
             assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_a_model_scripts_after_a_differently_configured_masa_layer_in_the_same_process():
+    """TorchScript gives each differently typed module instance its own class; nothing may pin the first one's."""
+    torch.jit.script(rmt.MaSA2d(16, 2, learnable_decay=True))
+    model = timm.create_model('rmt_t', **small_kwargs()).eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        assert_close(torch.jit.script(model)(x), model(x), atol=1e-5, rtol=1e-4)
+
+
 def _as_list(out):
     return list(out) if isinstance(out, (list, tuple)) else [out]
 

@@ -99,9 +99,6 @@ def test_coreml_converts_a_timm_convnet_to_an_ml_program():
     assert mlmodel.get_spec().WhichOneof('Type') == 'mlProgram'
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="Core ML takes tensors of rank <= 5; rmt.position.theta_shift_reference's pair swap "
-                          "x.unflatten(-1, (-1, 2)).flip(-1) reshapes (B, H, W, heads, head_dim) to rank 6")
 def test_coreml_converts_rmt_to_an_ml_program(small):
     pytest.importorskip('coremltools')
     mlmodel = export_coreml(small, example=torch.randn(1, 3, 64, 64))

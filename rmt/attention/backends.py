@@ -264,9 +264,10 @@ def plan_attention(requested: str, p: Problem, device: torch.device) -> Attentio
         if reason is not None:
             raise ValueError('the {} attention path cannot {}; use another path or auto'.format(requested, reason))
         reason = runtime_reason(requested, p, device, False)
-        if reason is None:
+        if reason is None and _configuration_ok(requested, p, device):
             return _plan(requested, p)
-        _warn_once(requested, reason)
+        if reason is not None:  # (a configuration whose kernels failed was reported by the op's guard)
+            _warn_once(requested, reason)
     for backend in _backends():
         if input_reason(backend, p) is None and runtime_reason(backend, p, device, True) is None \
                 and _configuration_ok(backend, p, device):

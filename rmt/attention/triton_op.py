@@ -181,7 +181,7 @@ def _passes(ndim: int, decomposed: bool) -> Tuple[str, ...]:
 
 
 def _stats_outputs(stats: List[torch.Tensor], q: torch.Tensor) -> List[torch.Tensor]:
-    return stats + [q.new_zeros(0, dtype=torch.float32)] * (3 - len(stats))
+    return stats + [q.new_zeros(0, dtype=torch.float32) for _ in range(3 - len(stats))]
 
 
 @torch.library.custom_op('rmt::masa', mutates_args=())
