@@ -17,7 +17,7 @@ from .attention.layers import channels_first
 from .attention.backends import autocast_dtype
 from .position import PositionTables, RelPos
 
-__all__ = ['Stem', 'Downsample', 'ResidualDWConv', 'CPE', 'GeluDWConv', 'gelu_dwconv', 'FFN', 'AutocastLayerNorm',
+__all__ = ['Stem', 'Downsample', 'ResidualDWConv', 'fold_residual_kernels', 'CPE', 'GeluDWConv', 'gelu_dwconv', 'FFN', 'AutocastLayerNorm',
            'RMTBlock', 'RMTStage']
 
 
@@ -103,7 +103,9 @@ class ResidualDWConv(nn.Module):
     """``x + DWConv(x)`` (depthwise, with bias) on channels-last (B, H, W, C) features, as one conv.
 
     The residual is folded into the kernel (its centre raised by 1): the same sum, without a
-    separate pass over memory for the add.
+    separate pass over memory for the add. Exported and traced graphs take the kernel :meth:`fold`
+    stored (``rmt.export`` folds before exporting): a constant, where ``weight + identity`` would be a
+    graph value that runtimes such as ExecuTorch's XNNPACK cannot take as a conv weight.
     """
 
     def __init__(self, dim: int, kernel_size: int = 3):
@@ -112,11 +114,35 @@ class ResidualDWConv(nn.Module):
         identity = torch.zeros(dim, 1, kernel_size, kernel_size)
         identity[:, :, kernel_size // 2, kernel_size // 2] = 1
         self.register_buffer('identity', identity, persistent=False)
+        self.register_buffer('folded_kernel', torch.empty(0), persistent=False)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Store ``weight + identity`` for graph capture (refreshed by every ``rmt.export`` call)."""
+        self.folded_kernel = self.conv.weight + self.identity
+
+    def kernel(self) -> torch.Tensor:
+        """The depthwise kernel with the residual folded in, (C, 1, k, k)."""
+        if not torch.jit.is_scripting() and self.folded_kernel.numel() > 0 and _graph_capture():
+            return self.folded_kernel
+        return self.conv.weight + self.identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(channels_first(x), self.conv.weight + self.identity, self.conv.bias,
-                     padding=self.conv.padding, groups=self.conv.groups)
+        x = F.conv2d(channels_first(x), self.kernel(), self.conv.bias, padding=self.conv.padding,
+                     groups=self.conv.groups)
         return x.permute(0, 2, 3, 1)
+
+
+@torch.jit.unused
+def _graph_capture() -> bool:
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def fold_residual_kernels(model: nn.Module) -> None:
+    """:meth:`ResidualDWConv.fold` every CPE and FFN conv of ``model``: what exported graphs take as weights."""
+    for module in model.modules():
+        if isinstance(module, ResidualDWConv):
+            module.fold()
 
 
 class CPE(ResidualDWConv):
@@ -134,7 +160,7 @@ class GeluDWConv(ResidualDWConv):
         super().__init__(dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gelu_dwconv(channels_first(x), self.conv.weight + self.identity, self.conv.bias, self.conv.padding[0])
+        x = gelu_dwconv(channels_first(x), self.kernel(), self.conv.bias, self.conv.padding[0])
         return x.permute(0, 2, 3, 1)
 
 

@@ -35,6 +35,8 @@ from torch.export import Dim, ExportedProgram
 
 from timm.layers import get_device_dtype
 
+from .blocks import fold_residual_kernels
+
 __all__ = ['MIN_SIZE', 'MAX_SIZE', 'DEFAULT_OPSET', 'DYNAMO_MIN_OPSET', 'dynamic_shapes', 'export_program',
            'export_onnx', 'export_onnx_traced', 'export_openvino', 'compile_openvino', 'export_executorch',
            'xnnpack_delegation', 'load_executorch', 'export_coreml', 'onnx_opset', 'max_abs_diff']
@@ -98,6 +100,7 @@ def export_program(
     static side next to a dynamic one.
     """
     model.eval()
+    fold_residual_kernels(model)
     if example is None:
         example = _example(model, (224, 224), 2 if dynamic_batch else 1)
     if dynamic_batch and example.shape[0] == 1:
@@ -157,6 +160,7 @@ def export_onnx_traced(
     if opset < 17:
         raise ValueError(f'opset {opset} is too old: use 17 or later')
     model.eval()
+    fold_residual_kernels(model)
     if example is None:
         example = _example(model, (224, 224), 2)
     with torch.no_grad():

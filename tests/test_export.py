@@ -137,6 +137,29 @@ def test_exportable_model_uses_explicit_matmul_attention():
     assert all(stage.attn_impl == 'reference' for stage in model.stages)  # timm's use_fused_attn() is off
 
 
+def test_exported_depthwise_convs_take_their_kernels_as_constants(small_program):
+    """The CPE and FFN convs' residual-folded kernels are stored tensors, not graph values (XNNPACK delegates
+    only convs with constant weights)."""
+    graph = small_program.graph
+    convs = [n for n in graph.nodes if n.op == 'call_function' and n.target == torch.ops.aten.conv2d.default]
+    depthwise = [n for n in convs if len(n.args) == 7 and n.args[6] > 1]
+    assert len(depthwise) == 3 * 6  # CPE, LCE and FFN conv of each of the small config's 6 blocks
+    computed = [n.name for n in convs if n.args[1].op != 'placeholder']
+    assert computed == [], computed
+
+
+def test_eager_ignores_a_stale_folded_kernel():
+    from rmt.blocks import CPE
+    torch.manual_seed(0)
+    cpe = CPE(8)
+    cpe.fold()
+    with torch.no_grad():
+        cpe.conv.weight.mul_(2)  # after folding: eager (training, fine-tuning) must follow the weights
+    x = torch.randn(1, 5, 6, 8)
+    want = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), cpe.conv.weight, cpe.conv.bias, padding=1, groups=8)
+    assert torch.allclose(cpe(x), want.permute(0, 2, 3, 1) + x, atol=1e-6)
+
+
 def test_traced_graph_holds_no_complex_numbers(rmt_t):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

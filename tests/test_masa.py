@@ -53,6 +53,28 @@ def test_every_torch_path_matches_the_reference_with_a_learnable_decay(grid, imp
     check_against_reference(grid, impl, decomposed)
 
 
+def kernels_run_here() -> bool:
+    from rmt.attention import kernels
+    return kernels.unsupported_reason(torch.device('cpu'), torch.float32, 4) is None
+
+
+@pytest.mark.skipif(not kernels_run_here(), reason='needs Triton (its CPU interpreter)')
+@pytest.mark.parametrize('grid', [[1], [13], [13, 9], [3, 5, 7]], ids=lambda g: 'x'.join(map(str, g)))
+@pytest.mark.parametrize('decomposed', [False, True], ids=['full', 'decomposed'])
+def test_the_kernels_match_the_reference_in_values_and_q_k_v_gradients(grid, decomposed):
+    """Forced ``triton`` (Triton's CPU interpreter here): float32 kernels against the float64 reference."""
+    q, k, v, rates, _ = inputs(grid)
+    q32, k32, v32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    out = masa(q32, k32, v32, rates.detach().float(), grid, decomposed=decomposed, impl='triton')
+    ref = masa_reference(q, k, v, rates.detach(), grid, decomposed)
+    weights = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weights.float()).sum(), (q32, k32, v32))
+    expected = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    assert_close(out, ref, atol=2e-5, name='triton output')
+    for name, got, want in zip(('dq', 'dk', 'dv'), grads, expected):
+        assert_close(got, want, atol=5e-5, name=f'triton {name}')
+
+
 @pytest.mark.parametrize('grid', [[13], [5, 4], [3, 5, 2]], ids=lambda g: 'x'.join(map(str, g)))
 @pytest.mark.parametrize('decomposed', [False, True], ids=['full', 'decomposed'])
 @pytest.mark.parametrize('impl', ['reference', 'bmm', 'sdpa', 'auto'])

@@ -1,6 +1,7 @@
 """MaSA1d / MaSA2d / MaSA3d, the standalone layers: what they compute, padded batches, prefix tokens, a learnable
 or data-dependent decay, argument and shape errors, training, TorchScript and torch.export."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -228,6 +229,58 @@ def test_models_of_ones_own_train_with_gradients_reaching_every_parameter(name, 
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def train_four_steps(model, x):
+    y = torch.tensor([0, 2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        silent = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+        assert not silent, f'no gradient reached {silent}'
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+# (model, path) -> the one line a forced path gives for an input it cannot take; the rest train
+REFUSED = {('sequence', 'blocked'): 'the blocked attention path cannot take prefix tokens',
+           ('sequence', 'triton'): 'the triton attention path cannot take prefix tokens'}
+
+
+@pytest.mark.parametrize('name', list(MODELS))
+@pytest.mark.parametrize('impl', ['blocked', 'triton'])
+def test_models_of_ones_own_train_on_a_forced_path_or_are_refused_in_one_line(name, impl, monkeypatch):
+    """The forced paths with a fixed decay (the kernels give no decay gradient; a learnable decay is refused
+    like the other inputs they cannot take): blocked falls back to auto on decomposed layers, with a warning."""
+    from rmt.attention import kernels
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    if impl == 'triton' and kernels.unsupported_reason(torch.device('cpu'), torch.float32, 8) is not None:
+        pytest.skip('needs Triton (its CPU interpreter)')
+    cls, sample = MODELS[name]
+    torch.manual_seed(0)
+    model, x = cls(impl, learnable=False), sample()
+    if (name, impl) in REFUSED:
+        with pytest.raises(ValueError, match=f'^{REFUSED[name, impl]}; use another path or auto$'):
+            model(x)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # blocked on a decomposed layer: 'using auto'
+        losses = train_four_steps(model, x)
+    assert losses[-1] < losses[0]
+
+
+def test_a_learnable_decay_on_the_forced_kernels_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    from rmt.attention import kernels
+    if kernels.unsupported_reason(torch.device('cpu'), torch.float32, 8) is not None:
+        pytest.skip('needs Triton (its CPU interpreter)')
+    model = MODELS['convnext_like'][0]('triton', learnable=True)
+    with pytest.raises(ValueError, match='^the triton attention path cannot give the decay a gradient'):
+        model(MODELS['convnext_like'][1]())
 
 
 @pytest.mark.parametrize('ndim', [1, 2, 3])
