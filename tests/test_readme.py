@@ -40,13 +40,36 @@ runpy.run_path(sys.argv[1], run_name='__main__')
 '''
 
 
-def readme_python_blocks() -> list:
-    return re.findall(r'^```python\n(.*?)^```', (REPO / 'README.md').read_text(), flags=re.S | re.M)
+def readme_python_blocks(text: str = None) -> list:
+    text = (REPO / 'README.md').read_text() if text is None else text
+    return re.findall(r'^```python\n(.*?)^```', text, flags=re.S | re.M)
+
+
+def readme_section(title: str) -> str:
+    """The README's text from the heading ``## title`` to the next ``## `` heading."""
+    match = re.search(rf'^## {re.escape(title)}\n(.*?)(?=^## )', (REPO / 'README.md').read_text(), flags=re.S | re.M)
+    assert match, f'README has no section "## {title}"'
+    return match.group(1)
+
+
+def test_readme_setup_runs_the_ci_test_command():
+    ci_command = (REPO / '.ci' / 'run').read_text().strip().splitlines()[-1]
+    setup = re.search(r'^```bash\n(.*?)^```', (REPO / 'README.md').read_text(), flags=re.S | re.M).group(1)
+    assert ci_command == 'python -m pytest -q -n 2 tests'
+    assert any(line.split('#')[0].strip() == ci_command for line in setup.splitlines())
+
+
+def test_readme_masa_section_shows_each_feature_in_a_tested_block():
+    code = '\n'.join(readme_python_blocks(readme_section('MaSA in your own model')))
+    for feature in ('rmt.masa(', 'grid=(', 'attn_mask=', 'rmt.MaSA1d(', 'rmt.MaSA2d(', 'rmt.MaSA3d(',
+                    'channels_first=True', 'num_prefix_tokens=', 'mask=mask', 'learnable_decay=True', 'decay=decay',
+                    'attn_impl='):
+        assert feature in code, f'no README block of "MaSA in your own model" uses {feature}'
 
 
 def test_readme_python_blocks_run_as_written(tmp_path):
     blocks = readme_python_blocks()
-    assert len(blocks) >= 4  # usage, FLOPs, export, dense-prediction features
+    assert len(blocks) >= 10  # usage, MaSA (function, layers, padding, decay), detection, FLOPs, export
     for name, path in STAND_INS.items():
         shutil.copyfile(path, tmp_path / name)
     for i, block in enumerate(blocks):

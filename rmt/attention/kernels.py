@@ -84,7 +84,7 @@ class KernelConfig(NamedTuple):
 ANY = None  # the row for every Triton release without a row of its own
 # (padded head dim, dtype ('half': bfloat16 and float16), arch (90: sm_90 and newer, 80: sm_80 to sm_89),
 # Triton release) -> settings: the largest tiles with which no kernel spills registers, crashes the compiler
-# or needs more than sm_86's 99 KB of shared memory; measured in benchmarks/kernel_settings.md
+# or needs more than sm_86's 99 KB of shared memory; measured in scripts/RESULTS.md ("Kernel settings")
 SETTINGS: Dict[Tuple[int, str, int, Optional[Tuple[int, int]]], KernelConfig] = {
     # key: KernelConfig(tile, block_m, block_n, num_warps, bwd_warps, num_stages)
     (16, 'half', 90, ANY):     KernelConfig(64, 64, 64, 4, 4, 3),
@@ -112,7 +112,7 @@ def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90,
     """The settings the op uses for heads of ``head_dim`` in ``dtype`` on compute capability ``arch``
     (major * 10 + minor; the interpreter counts as 90) with Triton ``release`` ((major, minor), the
     installed one by default): the row of :data:`SETTINGS` for the padded head dim, the release's own
-    row where it has one, else the ``ANY`` row. Why each row: ``benchmarks/kernel_settings.md``.
+    row where it has one, else the ``ANY`` row. Why each row: ``scripts/RESULTS.md``, "Kernel settings".
     """
     padded = max(16, 1 << (head_dim - 1).bit_length())
     release = triton_version() if release is None else release
