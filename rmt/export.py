@@ -271,7 +271,7 @@ def export_coreml(model: nn.Module, path: Optional[str] = None, example: Optiona
     Converted from :func:`export_program` (batch and size fixed; default example 1 x C x 224 x 224)
     with float32 compute, for iOS 17 / macOS 14 and later. Conversion runs anywhere coremltools
     installs; running the model needs macOS. Saves the ``.mlpackage`` to ``path`` when given. Raises
-    coremltools' error where an op cannot be converted (see the README's deployment section).
+    coremltools' error where an op cannot be converted.
     """
     import coremltools as ct
     if example is None:

@@ -104,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument('--no-flops', action='store_true')
     p.add_argument('--profile', type=non_negative_int, default=0, metavar='N',
                    help='after timing, profile one step of each model and print its N costliest operators')
-    p.add_argument('--out', default='benchmarks/results', help='folder for the CSV and JSON')
+    p.add_argument('--out', default='output/benchmarks', help='folder for the CSV and JSON')
     p.add_argument('--name', default=None, help='file stem for the CSV/JSON (default: a timestamp)')
     p.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
