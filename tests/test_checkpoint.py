@@ -8,7 +8,7 @@ import torch
 from rmt import checkpoint_filter_fn, load_checkpoint_file
 from rmt.checkpoint import state_dict_from_checkpoint, weights_key
 
-from tests.helpers import SMALL_CHECKPOINT, SMALL_TL_CHECKPOINT, CodePayload, load_small, small_kwargs
+from tests.helpers import SMALL_CHECKPOINT, SMALL_TL_CHECKPOINT, CodePayload, assert_close, load_small, small_kwargs
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -120,7 +120,7 @@ def _assert_released_logits(model, expected):
     model.eval()
     for size, case in expected.items():
         with torch.no_grad():
-            assert (model(case['input']) - case['logits']).abs().max().item() < 1e-4, size
+            assert_close(model(case['input']), case['logits'], atol=1e-4, name=str(size))
 
 
 def test_released_file_loads_through_create_model_checkpoint_path(expected):
@@ -147,7 +147,7 @@ def test_released_state_dict_loads_into_a_features_only_backbone(expected):
     with torch.no_grad():
         features = backbone(expected['70x50']['input'])
     for ours, theirs in zip(features, expected['70x50']['stage_features'], strict=True):
-        assert (ours - theirs).abs().max().item() < 1e-4
+        assert_close(ours, theirs, atol=1e-4)
 
 
 def test_load_state_dict_of_another_config_names_the_disagreeing_keys():

@@ -16,7 +16,8 @@ import rmt  # noqa: F401  (registers the models)
 from rmt import load_checkpoint_file
 from rmt.detection import backbone_with_fpn, save_for_timm_backbone
 
-from tests.helpers import DETECTION_CHECKPOINT, FIXTURES, SMALL_CHECKPOINT, CodePayload, small_kwargs
+from tests.helpers import (
+    DETECTION_CHECKPOINT, FIXTURES, SMALL_CHECKPOINT, CodePayload, assert_close, small_kwargs)
 
 DETECTION = DETECTION_CHECKPOINT
 
@@ -40,7 +41,7 @@ def assert_released_features(model, expected):
         assert len(features) == len(want) == 4
         for s, (got, ref) in enumerate(zip(features, want, strict=True)):
             assert got.shape == ref.shape, (size, s)
-            assert (got - ref).abs().max().item() < 1e-4, (size, s)
+            assert_close(got, ref, atol=1e-4, name=str((size, s)))
 
 
 # --- the released detection checkpoint, through every path --------------------------------------------
@@ -93,7 +94,7 @@ def test_released_detection_checkpoint_loads_into_a_model_without_classifier(pat
     with torch.no_grad():
         features = model.forward_intermediates(x, intermediates_only=True)
     for got, ref in zip(features, expected['features']['70x50'], strict=True):
-        assert (got - ref).abs().max().item() < 1e-4
+        assert_close(got, ref, atol=1e-4)
 
 
 def test_stripped_detection_state_dict_loads_too(expected):
@@ -134,7 +135,7 @@ def test_classification_files_load_into_features_only_models_through_every_path(
     with torch.no_grad():
         features = model.eval()(ref['input'])
     for got, want in zip(features, ref['stage_features'], strict=True):
-        assert (got - want).abs().max().item() < 1e-4
+        assert_close(got, want, atol=1e-4)
 
 
 def test_classification_file_into_a_normed_backbone_starts_the_norms_fresh():
@@ -267,7 +268,7 @@ def test_pruned_backbone_loads_a_file_with_every_stage_and_norm(expected):
     with torch.no_grad():
         features = model(expected['inputs']['64x96'])
     for got, ref in zip(features, expected['features']['64x96'][1:3], strict=True):
-        assert (got - ref).abs().max().item() < 1e-4
+        assert_close(got, ref, atol=1e-4)
 
 
 def _ddp_worker(rank: int, world: int, folder: str, out_indices) -> None:
@@ -514,7 +515,7 @@ def test_mm_config_with_timm_backbone_loads_the_released_backbone(package, expec
             features = module(x)
         assert isinstance(features, tuple)
         for got, ref in zip(features, expected['features'][size], strict=True):
-            assert (got - ref).abs().max().item() < 1e-4
+            assert_close(got, ref, atol=1e-4)
 
 
 @pytest.mark.parametrize('package', ['mmdet', 'mmseg'])
@@ -537,4 +538,4 @@ def test_mm_load_from_the_converted_file_fills_the_timm_backbone(package, tmp_pa
     with torch.no_grad():
         features = detector.backbone(expected['inputs']['70x50'])
     for got, ref in zip(features, expected['features']['70x50'], strict=True):
-        assert (got - ref).abs().max().item() < 1e-4
+        assert_close(got, ref, atol=1e-4)

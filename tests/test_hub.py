@@ -19,8 +19,8 @@ import rmt
 from rmt.hub import model_card, write_hub_folder
 
 from tests.helpers import (
-    SMALL_CHECKPOINT, SMALL_CONFIG, SMALL_TL_CHECKPOINT, hub_cache_repo, load_script, load_small, one_line_error, run,
-    small_kwargs)
+    SMALL_CHECKPOINT, SMALL_CONFIG, SMALL_TL_CHECKPOINT, assert_close, hub_cache_repo, load_script, load_small,
+    one_line_error, run, small_kwargs)
 
 convert_checkpoint = load_script('convert_checkpoint')
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -102,7 +102,7 @@ def test_published_classifier_gives_the_source_files_outputs(name_of, small_mode
     model = timm.create_model(name_of('rmt_s.in1k'), pretrained=True).eval()
     assert torch.equal(outputs(model), outputs(small_model))
     for size, case in expected.items():  # and so the released code's, to the parity tolerance
-        assert (outputs(model, case['input']) - case['logits']).abs().max().item() < 1e-4, size
+        assert_close(outputs(model, case['input']), case['logits'], atol=1e-4, name=str(size))
 
 
 @by_route
@@ -111,7 +111,7 @@ def test_published_token_labeling_model_loads_as_one_without_arguments(name_of, 
     assert model.token_label and isinstance(model.aux_head, torch.nn.Linear)
     assert torch.equal(outputs(model), outputs(load_small(SMALL_TL_CHECKPOINT, token_label=True)))
     case = expected_tl['64x64']
-    assert (outputs(model, case['input']) - case['logits']).abs().max().item() < 1e-4
+    assert_close(outputs(model, case['input']), case['logits'], atol=1e-4)
 
 
 @by_route
@@ -119,7 +119,7 @@ def test_features_only_backbone_from_a_published_folder_gives_the_source_feature
     backbone = timm.create_model(name_of('rmt_s.in1k'), pretrained=True, features_only=True).eval()
     for ours, theirs in zip(outputs(backbone, expected['70x50']['input']), expected['70x50']['stage_features'],
                             strict=True):
-        assert (ours - theirs).abs().max().item() < 1e-4
+        assert_close(ours, theirs, atol=1e-4)
     normed = timm.create_model(name_of('rmt_s.in1k'), pretrained=True, features_only=True, feature_norm=True).eval()
     source = timm.create_model('rmt_t', pretrained=True, features_only=True, feature_norm=True,
                                pretrained_cfg_overlay=dict(file=str(SMALL_CHECKPOINT)), **small_kwargs()).eval()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.helpers import SMALL_TL_CHECKPOINT, load_small
+from tests.helpers import SMALL_TL_CHECKPOINT, assert_close, load_small
 
 SIZES = ['64x64', '96x80', '70x50']
 ATOL = 1e-4
@@ -12,7 +12,7 @@ ATOL = 1e-4
 def test_logits_match_released_code(small_model, expected, size):
     with torch.no_grad():
         logits = small_model(expected[size]['input'])
-    assert (logits - expected[size]['logits']).abs().max().item() < ATOL
+    assert_close(logits, expected[size]['logits'], atol=ATOL)
 
 
 @pytest.mark.parametrize('size', SIZES)
@@ -21,7 +21,7 @@ def test_stage_features_match_released_code(small_model, expected, size):
         features = small_model.forward_intermediates(expected[size]['input'], intermediates_only=True)
     for ours, theirs in zip(features, expected[size]['stage_features'], strict=True):
         assert ours.shape == theirs.shape
-        assert (ours - theirs).abs().max().item() < ATOL
+        assert_close(ours, theirs, atol=ATOL)
 
 
 def test_token_label_logits_match_released_code(expected_tl):
@@ -29,7 +29,7 @@ def test_token_label_logits_match_released_code(expected_tl):
     assert list(expected_tl) == ['64x64']  # the token-labeling fixture has one size
     with torch.no_grad():
         logits = model(expected_tl['64x64']['input'])
-    assert (logits - expected_tl['64x64']['logits']).abs().max().item() < ATOL
+    assert_close(logits, expected_tl['64x64']['logits'], atol=ATOL)
 
 
 @pytest.mark.parametrize('impl', ['reference', 'sdpa', 'bmm', 'blocked'])
@@ -40,4 +40,4 @@ def test_every_attention_path_matches_released_code(expected, impl, thresholds):
     for size in SIZES:
         with torch.no_grad():
             logits = model(expected[size]['input'])
-        assert (logits - expected[size]['logits']).abs().max().item() < ATOL, size
+        assert_close(logits, expected[size]['logits'], atol=ATOL, name=str(size))
