@@ -66,9 +66,9 @@ def configuration_failed(problem, device: torch.device) -> bool:
 
 
 def _fail(key: Tuple, direction: str, reason: str, what: str = 'failed') -> None:
-    """Record that ``key``'s kernels ``what`` (failed, gave wrong results) and warn once; the configuration
-    runs on torch operators from then on."""
-    _kernel_failures[key] = reason
+    """Record that ``key``'s kernels ``what`` (failed, gave wrong results) for ``reason`` and warn once; the
+    configuration runs on torch operators from then on."""
+    _kernel_failures[key] = reason if what == 'failed' else f'{what}: {reason}'
     device, dtype, grid, C, heads, decomposed, _ = key
     warnings.warn(
         f'rmt: the Triton MaSA {direction} kernels {what} for {"decomposed" if decomposed else "full"} '
@@ -223,8 +223,8 @@ def _masa_op(
     if not _guarded(key, 'forward', q, launches):
         out = _fallback_forward(q, k, v, residual, rotation, decay, num_heads, decomposed)
     else:
-        out, = verify.check(key, 'forward', (out,), lambda: _fallback_forward(
-            *_precise(q, k, v, residual), rotation, decay, num_heads, decomposed), ieee, num_heads)
+        out, = verify.check(key, 'forward', (out,), lambda: (_fallback_forward(
+            *_precise(q, k, v, residual), rotation, decay, num_heads, decomposed),), ieee, num_heads)
     return out, stats[0], stats[1], stats[2]
 
 

@@ -174,7 +174,8 @@ def _due(key: Tuple, direction: str) -> bool:
 
 
 def check(key: Tuple, direction: str, got: Sequence[torch.Tensor], exact, ieee: bool, num_heads: int):
-    """The op's check of one kernel call: ``exact()`` (the torch path, autocast off) against ``got``,
+    """The op's check of one kernel call: ``exact()`` (a tuple like ``got``: the torch path, autocast off)
+    against ``got``,
     when due (:func:`kernel_verification`). Returns ``got``, or on a mismatch the exact result in
     ``got``'s dtypes after recording the configuration as failed and warning once."""
     if not _due(key, direction):
@@ -190,7 +191,7 @@ def check(key: Tuple, direction: str, got: Sequence[torch.Tensor], exact, ieee: 
         _record(key, direction, 'verified', error)
         return got
     from .triton_op import _fail
-    _fail(key, direction, f'wrong results: {mismatch}', 'gave wrong results')
+    _fail(key, direction, str(mismatch), 'gave wrong results')
     _record(key, direction, 'mismatch', error, str(mismatch))
     return tuple(w.to(g.dtype).contiguous() for g, w in zip(got, want))
 
