@@ -4,16 +4,23 @@ Without ``--checkpoint`` the weights are random: the output only shows that ever
 predictions mean nothing. Without ``--image`` a synthetic test image is used. A ``.safetensors`` from
 ``scripts/convert_checkpoint.py`` names its model and kwargs; for a released file of a custom size
 give ``--official-config``.
+
+``python -m rmt --self-test`` checks the Triton kernels on this machine's GPU instead: every kernel
+configuration of the models at 224 px and a detection size, forward and backward, against the float64
+reference (:func:`rmt.attention.verify.self_test`); a pasteable report, exit status 1 on a failure, 0
+with one line where no GPU (or Triton's interpreter) can run them.
 """
 import logging
 import os
+import sys
 import time
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
-from .tools.cli import ArgumentParser, ScriptError, add_model_args, build_model, model_name, positive_int, run_main
+from .tools.cli import (
+    ArgumentParser, ScriptError, add_model_args, available_device, build_model, model_name, positive_int, run_main)
 
 
 def demo_image(size: int = 256) -> Image.Image:
@@ -38,7 +45,36 @@ def read_image(path: str) -> Image.Image:
         raise ScriptError(f'--image {path}: cannot read it as an image ({e.strerror or e})') from None
 
 
-def main(argv=None) -> None:
+def parse_sizes(text: str):
+    """'224,800x1344' -> [(224, 224), (800, 1344)]: image sizes in px, height x width."""
+    sizes = []
+    for item in text.split(','):
+        parts = item.split('x')
+        if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ScriptError(f'--sizes {text!r}: expected sizes in px like 224 or 800x1344, comma-separated')
+        sizes.append((int(parts[0]), int(parts[-1])))
+    return sizes
+
+
+def self_test(args) -> int:
+    from .attention.verify import DETECTION_SIZE, self_test
+    from .model import MODEL_ARGS
+    models = [m for m in args.models.split(',') if m]
+    unknown = [m for m in models if m not in MODEL_ARGS]
+    if unknown or not models:
+        raise ScriptError(f'--models {args.models!r}: unknown model(s) {unknown}, expected some of '
+                          f'{", ".join(MODEL_ARGS)}')
+    dtypes = None
+    if args.dtypes:
+        names = args.dtypes.split(',')
+        if not all(n in ('bfloat16', 'float16', 'float32') for n in names):
+            raise ScriptError(f'--dtypes {args.dtypes!r}: expected some of bfloat16, float16, float32')
+        dtypes = [getattr(torch, n) for n in names]
+    sizes = parse_sizes(args.sizes) if args.sizes else [(224, 224), DETECTION_SIZE]
+    return self_test(models, sizes, dtypes, args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+def main(argv=None) -> int:
     parser = ArgumentParser(prog='python -m rmt', description=__doc__.splitlines()[0])
     parser.add_argument('--model', type=model_name, default=None,
                         help='rmt_t, rmt_s, rmt_b, rmt_l, optionally with a tag (e.g. rmt_s.in1k_tl for '
@@ -48,7 +84,17 @@ def main(argv=None) -> None:
     add_model_args(parser)
     parser.add_argument('--image', default=None, help='image file (default: a synthetic pattern)')
     parser.add_argument('--top-k', type=positive_int, default=5)
+    test = parser.add_argument_group('self-test of the Triton kernels on this GPU')
+    test.add_argument('--self-test', action='store_true', help='check every kernel configuration against float64 '
+                                                               'and print a report (exit 1 on a failure)')
+    test.add_argument('--models', default='rmt_t,rmt_s,rmt_b,rmt_l', help='the models whose stage shapes to check')
+    test.add_argument('--sizes', default='', help='image sizes, e.g. 224,800x1344 (default: those two)')
+    test.add_argument('--dtypes', default='', help='e.g. bfloat16,float16,float32 (default: all three on CUDA, '
+                                                   'float32 in Triton\'s CPU interpreter)')
+    test.add_argument('--device', type=available_device, default=None, help='default: cuda if there is one')
     args = parser.parse_args(argv)
+    if args.self_test:
+        return self_test(args)
 
     args.pretrained_path = args.checkpoint
     image = read_image(args.image) if args.image else demo_image()
@@ -69,8 +115,9 @@ def main(argv=None) -> None:
     for p, i in zip(top.values.tolist(), top.indices.tolist()):
         label = info.index_to_description(i) if info else f'class {i}'
         print(f'{p:8.4f}  {i:4d}  {label}')
+    return 0
 
 
 if __name__ == '__main__':
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
-    run_main(main, prog='python -m rmt')
+    sys.exit(run_main(main, prog='python -m rmt'))

@@ -4,6 +4,8 @@
     python scripts/bench_kernels.py --model rmt_s -b 128 --dtype bfloat16
     python scripts/bench_kernels.py --model rmt_t --img-size 1536 -b 1 --sweep
     python scripts/bench_kernels.py --model rmt_s -b 8 --dtype float32 --device cpu --threads 2 --paths sdpa,bmm,reference
+    TRITON_INTERPRET=1 python scripts/bench_kernels.py --model rmt_t --img-size 64 -b 2 --dtype float32 --device cpu \
+        --threads 2 --paths triton,sdpa --verify-cost
 
 Times, for every stage, MaSA's pipeline from its raw projections (q, k, v and the LCE output) to the
 tensor ``proj`` reads (:func:`rmt.attention.masa_attention`, what the model runs): the theta shift, the
@@ -11,7 +13,9 @@ decayed attention and the LCE add, along each path asked for. Forward alone and 
 medians of CUDA-event timings (``triton.testing.do_bench``) on a GPU, of wall-clock timings on the
 CPU. The floor column is the time to move the op's inputs and output through memory once at the
 measured copy bandwidth; ``--sweep`` also times the Triton kernels' tile, block and warp settings
-(:class:`rmt.attention.kernels.KernelConfig`).
+(:class:`rmt.attention.kernels.KernelConfig`). ``--verify-cost`` also times the Triton path with every
+call checked against the exact path (``RMT_VERIFY_KERNELS=always``): the extra time is what the first
+call of each configuration costs once per process (:mod:`rmt.attention.verify`).
 
 A path that cannot run here ends the script with one line and exit code 2 (e.g. ``triton`` on a CPU
 without ``TRITON_INTERPRET=1``).
@@ -25,7 +29,7 @@ import time
 import torch
 
 from rmt.attention import kernels
-from rmt.attention import ATTN_IMPLS, AttentionPlan, kernel_failures, masa_attention
+from rmt.attention import ATTN_IMPLS, AttentionPlan, kernel_failures, masa_attention, set_kernel_verification
 from rmt.tools.cli import ArgumentParser, ScriptError, available_device, positive_int, run_main
 from rmt.model import MODEL_ARGS
 from rmt.position import RelPos
@@ -41,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16', 'float16'])
     p.add_argument('--paths', default='triton,sdpa,reference', help=f'comma-separated, from {", ".join(PATHS)}')
     p.add_argument('--sweep', action='store_true', help='also time the Triton tile/block/warp settings')
+    p.add_argument('--verify-cost', action='store_true', help='also time the Triton path with its check against the '
+                                                              'exact path (the first call\'s extra cost)')
     p.add_argument('--device', type=available_device, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads')
     return p.parse_args(argv)
@@ -130,7 +136,8 @@ def main(argv=None) -> int:
           f'copy bandwidth {bandwidth / 1e12:.2f} TB/s')
     print('\n| stage | tokens | form | path | fwd ms | fwd+bwd ms | fwd floor ms | fwd vs sdpa |')
     print('|---|---|---|---|---|---|---|---|')
-    sweep_rows = []
+    sweep_rows, verify_rows = [], []
+    previous = set_kernel_verification('off')  # the kernels alone (checked below with --verify-cost)
     for stage, H, W, C, n, decomposed, relpos in stage_shapes(args.model, args.img_size):
         g = torch.Generator(device=device).manual_seed(stage)
         q, k, v, lce = [torch.randn(args.batch_size, H, W, C, device=device, generator=g).to(dtype).requires_grad_()
@@ -152,6 +159,18 @@ def main(argv=None) -> int:
                   f'{ratio:.2f}x |', flush=True)
         if args.sweep:
             sweep_rows += sweep(q, k, v, lce, grad, relpos, n, decomposed, device)
+        if args.verify_cost and 'triton' in times:
+            set_kernel_verification('always')
+            fwd_ms, both_ms = timed('triton', q, k, v, lce, grad, relpos, n, decomposed, device)
+            set_kernel_verification('off')
+            verify_rows.append((stage, f'{H}x{W}', form, f'{fwd_ms - times["triton"][0]:.3f}',
+                                f'{both_ms - times["triton"][1]:.3f}', f'{both_ms / times["triton"][1]:.2f}x'))
+    set_kernel_verification(previous)
+    if verify_rows:
+        print('\n| stage | tokens | form | check: extra fwd ms | extra fwd+bwd ms | checked / unchecked fwd+bwd |')
+        print('|---|---|---|---|---|---|')
+        for row in verify_rows:
+            print('| ' + ' | '.join(str(c) for c in row) + ' |')
     if sweep_rows:
         print('\n| stage | tile | block_m | block_n | warps | fwd ms | fwd+bwd ms |')
         print('|---|---|---|---|---|---|---|')

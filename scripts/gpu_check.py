@@ -6,6 +6,9 @@
 Steps, each a subprocess with a time limit inside the overall budget (``--budget``, seconds); the
 report is rewritten after every step, so a step that runs out of time costs only its own section:
 
+0. ``selftest``: ``python -m rmt --self-test``, every kernel configuration of ``rmt_t``..``rmt_l`` at 224 px
+   and a detection size against float64 (:func:`rmt.attention.verify.self_test`), first: if the
+   kernels are wrong on this GPU, nothing after it means much.
 1. ``tests``: the test files that exercise CUDA (kernels, attention paths, parity), pytest.
 2. ``parity``: the released-format fixture through every attention path against the float64
    reference path on the GPU, and the released logits; ``rmt_s`` under bfloat16 autocast against
@@ -36,7 +39,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--out', default='gpu_report.md', help='the report (Markdown)')
     p.add_argument('--budget', type=positive_float, default=470, help='seconds for all steps together')
-    p.add_argument('--steps', default='tests,parity,bench224,compiled,bench1536,sweep')
+    p.add_argument('--steps', default='selftest,tests,parity,bench224,compiled,bench1536,sweep')
     p.add_argument('--device', default='cuda')
     p.add_argument('--smoke', action='store_true', help='toy sizes, any device: checks the command, not the GPU')
     p.add_argument('--parity-child', action='store_true', help=argparse.SUPPRESS)
@@ -49,8 +52,10 @@ def steps(args):
     bench = [python, os.path.join(SCRIPTS, 'benchmark.py'), '--device', args.device, '--out',
              os.path.join(os.path.dirname(os.path.abspath(args.out)), 'gpu_check_results')]
     kernel_bench = [python, os.path.join(SCRIPTS, 'bench_kernels.py'), '--device', args.device, '--sweep']
+    selftest = [python, '-m', 'rmt', '--self-test', '--device', args.device]
     if args.smoke:
         return [
+            ('selftest', 0.1, selftest + ['--models', 'rmt_t', '--sizes', '32']),
             ('tests', 0.3, [python, '-m', 'pytest', '-q', '-x', 'tests/test_attention.py', '-k', 'plan']),
             ('parity', 0.2, [python, os.path.abspath(__file__), '--parity-child', '--device', args.device, '--smoke']),
             ('bench224', 0.1, bench + ['--models', 'rmt_t,resnet18', '-b', '1', '--img-size', '64', '--rounds', '1',
@@ -64,6 +69,7 @@ def steps(args):
                                                 'float32', '--paths', 'sdpa,reference']),
         ]
     return [
+        ('selftest', 0.12, selftest),
         ('tests', 0.22, [python, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', *TEST_FILES]),
         ('parity', 0.08, [python, os.path.abspath(__file__), '--parity-child', '--device', args.device]),
         ('bench224', 0.17, bench + ['--models', PEERS, '--dtype', 'bfloat16', '-b', '256', '--train-batch-size', '128',

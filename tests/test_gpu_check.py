@@ -32,7 +32,7 @@ def test_without_a_gpu_it_says_so_in_one_line(capsys):
 
 def test_unknown_steps_end_in_one_line(capsys):
     assert one_line_error(capsys, gpu_check.main, ['--smoke', '--device', 'cpu', '--steps', 'parity,speed']) == (
-        "PROG: error: --steps 'parity,speed': unknown step(s) ['speed'], expected some of tests, parity, "
+        "PROG: error: --steps 'parity,speed': unknown step(s) ['speed'], expected some of selftest, tests, parity, "
         "bench224, compiled, bench1536, sweep")
 
 

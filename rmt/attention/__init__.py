@@ -7,7 +7,8 @@
   LCE), standalone; the RMT models use :class:`MaSA2d`.
 * :mod:`.backends`: which path computes a call (``triton``, ``bmm``, ``sdpa``, ``blocked``,
   ``reference``), one ordered table; :mod:`.paths` the torch paths, :mod:`.triton_op` the Triton
-  op with its guard and fallbacks, :mod:`.kernels` the kernels.
+  op with its guard and fallbacks, :mod:`.kernels` the kernels, :mod:`.verify` their check against the
+  exact path on first use (:func:`set_kernel_verification`, :func:`kernel_report`) and the self-test.
 """
 from .backends import (
     ATTN_IMPLS, BACKENDS, AttentionPlan, DispatchThresholds, Problem, dispatch_thresholds, plan_attention,
@@ -16,7 +17,9 @@ from .functional import masa, masa_attention
 from .layers import MaSA, MaSA1d, MaSA2d, MaSA3d, plan_masa
 from .reference import masa_reference
 from .triton_op import clear_kernel_failures, kernel_failures
+from .verify import kernel_report, kernel_verification, set_kernel_verification
 
 __all__ = ['ATTN_IMPLS', 'BACKENDS', 'AttentionPlan', 'DispatchThresholds', 'Problem', 'MaSA', 'MaSA1d', 'MaSA2d',
            'MaSA3d', 'masa', 'masa_attention', 'masa_reference', 'plan_attention', 'plan_masa',
-           'set_dispatch_thresholds', 'dispatch_thresholds', 'kernel_failures', 'clear_kernel_failures']
+           'set_dispatch_thresholds', 'dispatch_thresholds', 'kernel_failures', 'clear_kernel_failures',
+           'kernel_report', 'kernel_verification', 'set_kernel_verification']

@@ -8,14 +8,15 @@ Guard: the first use of each kernel configuration in a process (:func:`config_ke
 compile or launch failure, warns once naming the reason and the fallback, computes that call with
 torch operators (inside the op, so also under ``torch.compile``), and plans that configuration off
 the kernels from then on (:func:`configuration_failed`). A failing backward kernel gives exact
-gradients from torch operators.
+gradients from torch operators. Kernels that run are checked against those torch operators on first
+use (:mod:`.verify`); wrong results are handled as a failure.
 """
 import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import kernels
+from . import kernels, verify
 from .paths import attention_reference, blocked_attention, decomposed_attention, from_sequences, movedim, sequences
 from ..position import axis_bias, rotation_to_sin_cos, theta_shift_reference
 
@@ -23,8 +24,8 @@ __all__ = ['masa_triton', 'kernel_failures', 'clear_kernel_failures', 'configura
 
 # configurations whose kernels failed in this process -> the reason
 _kernel_failures: Dict[Tuple, str] = {}
-# (configuration, direction) whose kernels ran once
-_kernel_verified = set()
+# (configuration, direction) whose kernels ran once (later failures raise)
+_kernel_ran = set()
 
 
 def config_key(device: torch.device, dtype: torch.dtype, grid: List[int], channels: int, num_heads: int,
@@ -35,14 +36,17 @@ def config_key(device: torch.device, dtype: torch.dtype, grid: List[int], channe
 
 
 def clear_kernel_failures() -> None:
-    """Forget the kernel failures of this process: every configuration is tried (and guarded) again."""
+    """Forget the kernel failures and checks of this process: every configuration is tried, guarded and
+    verified again."""
     _kernel_failures.clear()
-    _kernel_verified.clear()
+    _kernel_ran.clear()
+    verify._clear()
 
 
 def kernel_failures() -> Dict[Tuple, str]:
     """The Triton configurations (device, dtype, grid, channels, heads, decomposed, kernel settings) that failed
-    in this process, with the reason; MaSA calls of those shapes use torch paths."""
+    or gave wrong results in this process, with the reason; MaSA calls of those shapes use torch paths.
+    :func:`~rmt.attention.verify.kernel_report` lists the verified ones too."""
     return dict(_kernel_failures)
 
 
@@ -61,13 +65,24 @@ def configuration_failed(problem, device: torch.device) -> bool:
     return key in _kernel_failures
 
 
+def _fail(key: Tuple, direction: str, reason: str, what: str = 'failed') -> None:
+    """Record that ``key``'s kernels ``what`` (failed, gave wrong results) for ``reason`` and warn once; the
+    configuration runs on torch operators from then on."""
+    _kernel_failures[key] = reason if what == 'failed' else f'{what}: {reason}'
+    device, dtype, grid, C, heads, decomposed, _ = key
+    warnings.warn(
+        f'rmt: the Triton MaSA {direction} kernels {what} for {"decomposed" if decomposed else "full"} '
+        f'attention over a {"x".join(map(str, grid))} grid, {C} channels in {heads} heads, {dtype} on '
+        f'{device} ({reason}); using torch operators (sdpa / blocked) for it from now on', RuntimeWarning)
+
+
 def _guarded(key: Tuple, direction: str, q: torch.Tensor, launches: List) -> bool:
     """Run ``launches`` under ``q``'s device; on the first use of ``(key, direction)`` a failure is recorded
     and reported instead of raised. Returns whether the kernels ran."""
     if key in _kernel_failures:
         return False
     with kernels.device_guard(q.device):
-        if (key, direction) in _kernel_verified:
+        if (key, direction) in _kernel_ran:
             for launch in launches:
                 launch()
             return True
@@ -76,14 +91,10 @@ def _guarded(key: Tuple, direction: str, q: torch.Tensor, launches: List) -> boo
                 launch()
         except Exception as e:  # noqa: BLE001 (compile errors, out of resources, driver errors: all fall back)
             reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'[:300]
-            _kernel_failures[key] = reason
-            device, dtype, grid, C, heads, decomposed, _ = key
-            warnings.warn(
-                f'rmt: the Triton MaSA {direction} kernels failed for {"decomposed" if decomposed else "full"} '
-                f'attention over a {"x".join(map(str, grid))} grid, {C} channels in {heads} heads, {dtype} on '
-                f'{device} ({reason}); using torch operators (sdpa / blocked) for it from now on', RuntimeWarning)
+            _fail(key, direction, reason)
+            verify._record(key, direction, 'failed', None, reason)
             return False
-    _kernel_verified.add((key, direction))
+    _kernel_ran.add((key, direction))
     return True
 
 
@@ -128,8 +139,9 @@ def _attention_vjp(q, k, v, bias, scale, grad):
     return ds @ k * scale, ds.transpose(-2, -1) @ q * scale, p.transpose(-2, -1) @ grad
 
 
-def _fallback_backward(grad, q, k, v, rotation, decay, num_heads: int, decomposed: bool):
-    """The op's gradients with torch operators (float32 math for half precision inputs)."""
+def _fallback_backward(grad, q, k, v, rotation, decay, num_heads: int, decomposed: bool, cast: bool = True):
+    """The op's gradients with torch operators (float32 math for half precision inputs, returned in q's dtype,
+    or in float32 without ``cast``)."""
     dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     scale = (q.shape[-1] // num_heads) ** -0.5
     qr, kr = [movedim(_shifted(t, rotation, num_heads, dtype), -2, 1) for t in (q, k)]
@@ -156,7 +168,12 @@ def _fallback_backward(grad, q, k, v, rotation, decay, num_heads: int, decompose
         from .paths import _blocked_backward
         dq, dk, dv, _ = _blocked_backward(gh, qr, kr, vh, decay, None, scale, 32 << 20, False)
     dq, dk = [_shifted(_channels_last(t), rotation, num_heads, dtype, inverse=True).flatten(-2) for t in (dq, dk)]
-    return tuple(t.to(q.dtype).contiguous() for t in (dq, dk, _channels_last(dv)))
+    return tuple(t.to(q.dtype if cast else dtype).contiguous() for t in (dq, dk, _channels_last(dv)))
+
+
+def _precise(*tensors: torch.Tensor) -> List[torch.Tensor]:
+    """Half precision tensors in float32, for the exact path that checks the kernels."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
 # --- the op ---------------------------------------------------------------------------------------------
@@ -205,6 +222,9 @@ def _masa_op(
     key = config_key(q.device, q.dtype, list(q.shape[1:-1]), q.shape[-1], num_heads, decomposed, config)
     if not _guarded(key, 'forward', q, launches):
         out = _fallback_forward(q, k, v, residual, rotation, decay, num_heads, decomposed)
+    else:
+        out, = verify.check(key, 'forward', (out,), lambda: (_fallback_forward(
+            *_precise(q, k, v, residual), rotation, decay, num_heads, decomposed),), ieee, num_heads)
     return out, stats[0], stats[1], stats[2]
 
 
@@ -241,7 +261,9 @@ def _masa_backward_op(
             _as_5d(grad), _as_5d(q), _as_5d(k), _as_5d(v), o, res, stats, _rotation_5d(rotation, ndim), decay,
             scale, num_heads, passes, ieee, cfg)
         if _guarded(key, 'backward', q, launches):
-            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+            return verify.check(key, 'backward', (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)),
+                                lambda: _fallback_backward(grad, q, k, v, rotation, decay, num_heads, decomposed,
+                                                           cast=False), ieee, num_heads)
     return _fallback_backward(grad, q, k, v, rotation, decay, num_heads, decomposed)
 
 
