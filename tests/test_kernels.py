@@ -13,8 +13,22 @@ import torch
 from rmt.attention import AttentionPlan, clear_kernel_failures, kernel_failures, kernels, masa_attention
 from rmt.attention import plan_attention as plan_problem
 from rmt.attention.functional import problem_of
-from rmt.attention.triton_op import _masa_backward_op, _masa_op
 from tests.helpers import load_small, tables_for as helper_tables
+
+masa_op = torch.ops.rmt.masa.default  # the custom ops, by their registered names
+masa_backward_op = torch.ops.rmt.masa_backward.default
+
+
+def forward_argument(name):
+    """A spy on ``kernels.masa_forward`` arguments: ``(record, wrapper)``, the wrapper appending argument ``name``."""
+    import inspect
+    signature, original, record = inspect.signature(kernels.masa_forward), kernels.masa_forward, []
+
+    def wrapper(*args, **kwargs):
+        record.append(signature.bind(*args, **kwargs).arguments[name])
+        return original(*args, **kwargs)
+    return record, wrapper
+
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 needs_kernels = pytest.mark.skipif(kernels.unsupported_reason(torch.device(DEVICE), torch.float32, 16) is not None,
@@ -249,15 +263,15 @@ OPCHECK = [(2, 5, 7, 2, 16, True), (1, 3, 70, 1, 8, True), (1, 70, 3, 2, 2, True
 @needs_kernels
 @pytest.mark.parametrize('B,H,W,n,d,decomposed', OPCHECK)
 def test_op_passes_torch_library_opcheck(B, H, W, n, d, decomposed):
-    torch.library.opcheck(_masa_op, op_args(B, H, W, n, d, decomposed))
+    torch.library.opcheck(masa_op, op_args(B, H, W, n, d, decomposed))
 
 
 @needs_kernels
 def test_statistics_of_every_looped_pass_are_written_and_of_no_other_pass_kept():
     args = op_args(1, 3, 70, 1, 8, True)
     with torch.no_grad():
-        first = _masa_op(*args)
-        second = _masa_op(*args)
+        first = masa_op(*args)
+        second = masa_op(*args)
     assert first[1].shape == (3 * 70, 1) and first[2].shape == (0,)  # rows of 70 loop, columns of 3 do not
     assert first[3].shape == (0,)  # no third pass
     assert torch.isfinite(first[1]).all() and torch.equal(first[1], second[1])
@@ -267,11 +281,11 @@ def test_statistics_of_every_looped_pass_are_written_and_of_no_other_pass_kept()
 def test_backward_op_writes_none_of_its_inputs():
     q, k, v, lce, rotation, decay, n, decomposed, _, ieee, config = op_args(1, 3, 70, 1, 8, True)
     q, k, v, lce = [t.detach() for t in (q, k, v, lce)]
-    out, rows_stats, cols_stats, none = _masa_op(q, k, v, lce, rotation, decay, n, decomposed, True, ieee, config)
+    out, rows_stats, cols_stats, none = masa_op(q, k, v, lce, rotation, decay, n, decomposed, True, ieee, config)
     inputs = [torch.randn_like(out), q, k, v, out, lce, torch.full_like(rows_stats, 7.), cols_stats, none, rotation,
               decay]
     before = [t.clone() for t in inputs]
-    _masa_backward_op(*inputs, n, decomposed, ieee, config)
+    masa_backward_op(*inputs, n, decomposed, ieee, config)
     assert len(inputs) == len(before) == 11
     for got, want in zip(inputs, before, strict=True):
         assert torch.equal(got, want)
@@ -279,7 +293,7 @@ def test_backward_op_writes_none_of_its_inputs():
 
 @needs_kernels
 def test_inference_keeps_no_softmax_statistics():
-    out, rows, cols, depth = _masa_op(*op_args(1, 3, 70, 1, 16, True, keep_stats=False))  # rows of 70 loop
+    out, rows, cols, depth = masa_op(*op_args(1, 3, 70, 1, 16, True, keep_stats=False))  # rows of 70 loop
     assert out.shape == (1, 3, 70, 16) and rows.numel() == cols.numel() == depth.numel() == 0
 
 
@@ -299,9 +313,9 @@ def test_non_contiguous_inputs_give_the_contiguous_result():
     assert not transposed.is_contiguous()
     args = list(op_args(2, 6, 5, 1, 16, True, keep_stats=False))
     args[:4] = [q, k, v, lce]
-    want = _masa_op(*args)[0]
+    want = masa_op(*args)[0]
     args[0] = transposed
-    torch.testing.assert_close(_masa_op(*args)[0], want, rtol=0, atol=0)
+    torch.testing.assert_close(masa_op(*args)[0], want, rtol=0, atol=0)
 
 
 @needs_kernels
@@ -384,9 +398,8 @@ def test_auto_takes_the_kernels_on_cuda_in_half_precision_and_tf32_from_triton_3
 
 @needs_kernels
 def test_float32_dots_follow_torchs_matmul_precision(monkeypatch):
-    seen = []
-    masa_forward = kernels.masa_forward
-    monkeypatch.setattr(kernels, 'masa_forward', lambda *a: seen.append(a[-2]) or masa_forward(*a))
+    seen, spy = forward_argument('ieee')
+    monkeypatch.setattr(kernels, 'masa_forward', spy)
     q, k, v, lce = [t.detach() for t in inputs(1, 4, 4, 16)]
     precision = torch.get_float32_matmul_precision()
     try:
@@ -518,9 +531,8 @@ def test_a_failing_kernel_falls_back_inside_a_compiled_model(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize('size', ['64x64', '96x80', '70x50'])
 def test_released_logits_through_the_triton_path(expected, size, monkeypatch):
-    calls = []
-    masa_forward = kernels.masa_forward
-    monkeypatch.setattr(kernels, 'masa_forward', lambda *a: calls.append(a[8]) or masa_forward(*a))
+    calls, spy = forward_argument('passes')
+    monkeypatch.setattr(kernels, 'masa_forward', spy)
     model = load_small().to(DEVICE)
     model.set_attn_impl('triton')
     with torch.no_grad():
