@@ -25,6 +25,7 @@ Example::
     export_onnx(program, 'rmt_t.onnx')                   # inputs named (batch, 3, height, width)
     export_onnx_traced(model, 'rmt_t_opset17.onnx', opset=17)
 """
+import contextlib
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -39,7 +40,7 @@ from .blocks import fold_residual_kernels
 
 __all__ = ['MIN_SIZE', 'MAX_SIZE', 'DEFAULT_OPSET', 'DYNAMO_MIN_OPSET', 'dynamic_shapes', 'export_program',
            'export_onnx', 'export_onnx_traced', 'export_openvino', 'compile_openvino', 'export_executorch',
-           'xnnpack_delegation', 'load_executorch', 'export_coreml', 'onnx_opset', 'max_abs_diff']
+           'explicit_attention', 'xnnpack_delegation', 'load_executorch', 'export_coreml', 'onnx_opset', 'max_abs_diff']
 
 MIN_SIZE = 33
 MAX_SIZE = 8192
@@ -234,12 +235,30 @@ def export_executorch(
     if isinstance(source, nn.Module):
         if example is None:
             example = _example(source, (224, 224), 1)
-        source = export_program(source, example, dynamic_batch=False, dynamic_size=False)
+        with explicit_attention(source):
+            source = export_program(source, example, dynamic_batch=False, dynamic_size=False)
     lowered = to_edge_transform_and_lower(source, partitioner=[XnnpackPartitioner()])
     if path is not None:
         with open(path, 'wb') as f:
             f.write(lowered.to_executorch().buffer)
     return lowered
+
+
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module):
+    """Within the block, every MaSA layer of ``model`` takes the ``reference`` path: ``softmax(q k^T * scale +
+    bias) v`` as matmul, add, softmax and matmul, ops XNNPACK delegates, where ``scaled_dot_product_attention``
+    lowers to a masked softmax (eq, any, where, full_like) that runs in ExecuTorch's portable kernels."""
+    from .attention import MaSA
+    layers = [m for m in model.modules() if isinstance(m, MaSA)]
+    saved = [m.attn_impl for m in layers]
+    for m in layers:
+        m.attn_impl = 'reference'
+    try:
+        yield
+    finally:
+        for m, impl in zip(layers, saved):
+            m.attn_impl = impl
 
 
 def xnnpack_delegation(lowered) -> Dict[str, Tuple[int, int]]:
