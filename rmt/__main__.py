@@ -7,7 +7,7 @@ give ``--official-config``.
 
 ``python -m rmt --self-test`` checks the Triton kernels on this machine's GPU instead: every kernel
 configuration of the models at 224 px and a detection size, forward and backward, against the float64
-reference (:func:`rmt.attention.verify.self_test`); a pasteable report, exit status 1 on a failure, 0
+reference (:func:`rmt.tools.self_test.self_test`); a pasteable report, exit status 1 on a failure, 0
 with one line where no GPU (or Triton's interpreter) can run them.
 """
 import logging
@@ -57,7 +57,7 @@ def parse_sizes(text: str):
 
 
 def self_test(args) -> int:
-    from .attention.verify import DETECTION_SIZE, self_test
+    from .tools.self_test import DETECTION_SIZE, self_test
     from .model import MODEL_ARGS
     models = [m for m in args.models.split(',') if m]
     unknown = [m for m in models if m not in MODEL_ARGS]

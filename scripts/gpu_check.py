@@ -7,7 +7,7 @@ Steps, each a subprocess with a time limit inside the overall budget (``--budget
 report is rewritten after every step, so a step that runs out of time costs only its own section:
 
 0. ``selftest``: ``python -m rmt --self-test``, every kernel configuration of ``rmt_t``..``rmt_l`` at 224 px
-   and a detection size against float64 (:func:`rmt.attention.verify.self_test`), first: if the
+   and a detection size against float64 (:func:`rmt.tools.self_test.self_test`), first: if the
    kernels are wrong on this GPU, nothing after it means much.
 1. ``tests``: the test files that exercise CUDA (kernels, attention paths, parity), pytest.
 2. ``parity``: the released-format fixture through every attention path against the float64

@@ -13,7 +13,7 @@ import torch
 from rmt.attention import AttentionPlan, clear_kernel_failures, kernel_failures, kernels, masa_attention
 from rmt.attention import plan_attention as plan_problem
 from rmt.attention.functional import problem_of
-from tests.helpers import load_small, tables_for as helper_tables
+from tests.helpers import load_small, tables_for
 
 masa_op = torch.ops.rmt.masa.default  # the custom ops, by their registered names
 masa_backward_op = torch.ops.rmt.masa_backward.default
@@ -45,10 +45,6 @@ def fresh_kernel_state():
     clear_kernel_failures()
 
 
-def tables_for(H, W, n, d, dtype=torch.float32, with_full=True):
-    return helper_tables([H, W], n, d, with_full, dtype, device=DEVICE)
-
-
 def plan_attention(requested, decomposed, num_heads, x):
     """The plan of a MaSA call on the channels-last (B, H, W, C) map ``x``."""
     grid = list(x.shape[1:-1])
@@ -59,7 +55,8 @@ def masa(impl, q, k, v, lce, n, decomposed, dtype=torch.float32, config=None):
     """The one MaSA pipeline along ``impl``; ``lce`` is not modified."""
     H, W = q.shape[1:3]
     plan = AttentionPlan(impl, dtype, not decomposed and impl != 'triton')
-    return masa_attention(q, k, v, lce * 1, tables_for(H, W, n, q.shape[-1] // n, dtype, plan.needs_full_bias), plan,
+    tables = tables_for([H, W], n, q.shape[-1] // n, plan.needs_full_bias, dtype, device=DEVICE)
+    return masa_attention(q, k, v, lce * 1, tables, plan,
                           n, decomposed, kernel_config=config)[0]
 
 
@@ -249,7 +246,7 @@ def test_statistics_are_kept_for_each_looped_pass_of_a_3d_grid():
 
 def op_args(B, H, W, n, d, decomposed, keep_stats=True, dtype=torch.float32):
     q, k, v, lce = [t.detach().requires_grad_(keep_stats) for t in inputs(B, H, W, n * d, dtype)]
-    tables = tables_for(H, W, n, d, with_full=False)
+    tables = tables_for([H, W], n, d, with_full=False, device=DEVICE)
     return (q, k, v, lce, tables.rotation, tables.decay, n, decomposed, keep_stats, False,
             list(kernels.default_config(d, dtype)))
 

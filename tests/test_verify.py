@@ -302,5 +302,6 @@ def test_self_test_without_a_gpu_says_so_in_one_line(monkeypatch, capsys):
 
 
 def test_stage_shapes_at_a_detection_size():
-    assert [s[1:3] for s in verify.stage_shapes('rmt_s', *verify.DETECTION_SIZE)] == [
+    from rmt.tools.self_test import DETECTION_SIZE, stage_shapes
+    assert [s[1:3] for s in stage_shapes('rmt_s', *DETECTION_SIZE)] == [
         (200, 336), (100, 168), (50, 84), (25, 42)]

@@ -224,7 +224,7 @@ def _masa_op(
         out = _fallback_forward(q, k, v, residual, rotation, decay, num_heads, decomposed)
     else:
         out, = verify.check(key, 'forward', (out,), lambda: (_fallback_forward(
-            *_precise(q, k, v, residual), rotation, decay, num_heads, decomposed),), ieee, num_heads)
+            *_precise(q, k, v, residual), rotation, decay, num_heads, decomposed),), ieee, num_heads, _fail)
     return out, stats[0], stats[1], stats[2]
 
 
@@ -263,7 +263,7 @@ def _masa_backward_op(
         if _guarded(key, 'backward', q, launches):
             return verify.check(key, 'backward', (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)),
                                 lambda: _fallback_backward(grad, q, k, v, rotation, decay, num_heads, decomposed,
-                                                           cast=False), ieee, num_heads)
+                                                           cast=False), ieee, num_heads, _fail)
     return _fallback_backward(grad, q, k, v, rotation, decay, num_heads, decomposed)
 
 
