@@ -251,9 +251,8 @@ def op_args(B, H, W, n, d, decomposed, keep_stats=True, dtype=torch.float32):
             list(kernels.default_config(d, dtype)))
 
 
-# tile, looped, mixed axes (one looped, one tiled), odd sizes, head dims 2 to 64
-OPCHECK = [(2, 5, 7, 2, 16, True), (1, 3, 70, 1, 8, True), (1, 70, 3, 2, 2, True), (1, 9, 11, 1, 64, False),
-           (1, 13, 7, 1, 6, False), (1, 3, 5, 3, 10, True)]
+# tiles; looped rows with tiled columns; full attention at odd sizes; head dims 2 to 64
+OPCHECK = [(2, 5, 7, 2, 16, True), (1, 3, 70, 2, 2, True), (1, 9, 11, 1, 64, False), (1, 13, 7, 1, 6, False)]
 
 
 @pytest.mark.slow
