@@ -12,6 +12,17 @@ if os.environ.get('PYTEST_XDIST_WORKER_COUNT'):  # `-n N`: the workers share the
 from tests.helpers import FIXTURES, cleanup, load_small  # noqa: E402
 
 
+# The longest files first: pytest-xdist (``--dist loadfile``) hands files to the workers in collection
+# order, so a long file collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ('test_token_label_training.py', 'test_runtimes.py', 'test_export.py', 'test_compile.py',
+                 'test_kernels.py', 'test_train.py', 'test_readme.py', 'test_verify.py')
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope='session')
 def expected():
     return torch.load(FIXTURES / 'official_small_expected.pt', weights_only=True)
