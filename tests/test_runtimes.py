@@ -12,7 +12,7 @@ import torch
 from rmt.export import (
     compile_openvino, export_coreml, export_executorch, export_onnx_traced, export_openvino, export_program,
     load_executorch, max_abs_diff, xnnpack_delegation)
-from tests.helpers import SMALL_CHECKPOINT, SMALL_CONFIG, load_small, script, small_kwargs
+from tests.helpers import SMALL_CHECKPOINT, SMALL_CONFIG, load_small, script
 
 pytestmark = pytest.mark.slow  # exports take seconds to a minute each
 
@@ -85,16 +85,6 @@ def test_executorch_xnnpack_reproduces_released_logits(small, expected, tmp_path
                'aten_any_dim', 'aten_eq_scalar', 'aten_full_like_default', 'aten_logical_not_default'):
         assert op not in left_out, left_out
     assert delegated['aten_convolution_default'][0] == 3 * 6 + 4 + 3  # CPE, LCE, FFN of 6 blocks; stem; downsampling
-
-
-def test_executorch_xnnpack_matches_eager_at_another_batch_and_size(tmp_path):
-    pytest.importorskip('executorch')
-    torch.manual_seed(0)
-    model = timm.create_model('rmt_t', **small_kwargs(depths=(1, 1, 1, 1))).eval()
-    x = torch.randn(3, 3, 97, 65)
-    export_executorch(model, str(tmp_path / 'one_block.pte'), example=x)
-    method = load_executorch(str(tmp_path / 'one_block.pte'), threads=1)
-    assert max_abs_diff(method.execute([x]), _eager(model, x)) < 1e-4
 
 
 def test_coreml_converts_a_timm_convnet_to_an_ml_program():
