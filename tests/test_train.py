@@ -192,7 +192,8 @@ def test_paper_randaugment_policy_survives_its_maximum_magnitude():
 def test_torchrun_trains_with_distributed_data_parallel_on_cpu(tmp_path):
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
     proc = subprocess.run([*torchrun, os.path.join(SCRIPTS, 'train.py'),
-                           *smoke_args(str(tmp_path), 'ddp', '--epochs', '1', '--warmup-epochs', '0', '-b', '32')],
+                           *smoke_args(str(tmp_path), 'ddp', '--epochs', '1', '--warmup-epochs', '0', '-b', '32',
+                                       '--workers', '0')],  # no forked loader processes beside gloo's threads
                           capture_output=True, text=True, timeout=PATIENCE, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'process 1 of 2' in proc.stderr and 'process 0 of 2' in proc.stderr
