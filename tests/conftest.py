@@ -1,4 +1,5 @@
 """Fixtures: the released code's outputs, a small RMT loaded from the released-format checkpoint, one thread."""
+import logging
 import os
 
 import pytest
@@ -21,6 +22,18 @@ LONGEST_FIRST = ('test_token_label_training.py', 'test_runtimes.py', 'test_expor
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_of_this_test_only():
+    """Scripts run in-process add a stderr log handler (timm's ``setup_default_logging``) bound to that test's
+    captured stderr, which is closed after it: a later test would get logging's 'Logging error' tracebacks."""
+    root = logging.getLogger()
+    # also drop a stale handler an earlier module-level fixture left on a stream that is closed by now
+    root.handlers[:] = [h for h in root.handlers if not getattr(getattr(h, 'stream', None), 'closed', False)]
+    before = list(root.handlers)
+    yield
+    root.handlers[:] = before
 
 
 @pytest.fixture(scope='session')

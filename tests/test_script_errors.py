@@ -6,7 +6,6 @@ the line and the exit status are what a user sees; one test runs every script as
 interpreters.
 """
 import argparse
-import logging
 import os
 
 import numpy as np
@@ -171,16 +170,6 @@ CASES = [
     case('timm_contract', ['--test-file', '{w}/text.pth', '--models', 'nope*'],
          '--models nope*: no registered timm model matches'),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _log_handlers_of_this_test_only():
-    """The scripts add a stderr log handler (timm's ``setup_default_logging``); in-process, each test's handler
-    writes to that test's captured stderr, which is gone after it."""
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    root.handlers[:] = before
 
 
 def fake_run_checkpoint(path, epoch: int, **kwargs) -> str:
